@@ -1,0 +1,212 @@
+"""The command line: flags -> model and levels -> streamed text and a stats table.
+
+    python generate.py --prompt "Hello" --chat               # the embedded SmolLM2-135M-Instruct
+    python generate.py --checkpoint PATH --device cuda       # a GGUF, HF folder or converted .pth
+    python generate.py --draft mxfp4 --draft2 tiny --chat    # ML-SpecQD: 3 levels
+    python generate.py --levels mxfp4:6,tiny:3,ngram:2       # any stack, draft:k from the top down
+
+A draft is `mxfp4` (the level above direct-cast to MXFP4), `tiny` (the distilled student of the
+embedded model), `ngram` (prompt lookup, last level only), a checkpoint path, or `none`.
+No decoding logic lives here: that is speculate.py's job.
+"""
+
+import argparse
+import sys
+
+import torch
+
+from checkpoint import CheckpointError, load_model
+from model import weight_bytes
+from speculate import ModelLevel, NgramProposer, autoregressive_decode, format_stats, speculative_decode
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", default="Hello, my name is", help="the prompt text")
+    p.add_argument(
+        "--checkpoint", default=None, help="GGUF file, HF folder or .pth (default: embedded SmolLM2)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is exact greedy (argmax)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, float32 on CPU"
+    )
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile + CUDA graphs for the decode step (default: on for CUDA)",
+    )
+    p.add_argument("--draft", default="none", help="level 1: mxfp4, tiny, ngram, PATH or none")
+    p.add_argument("--draft2", default="none", help="level 2 (drafts for level 1): same choices")
+    p.add_argument("--k", type=int, default=6, help="tokens level 1 proposes per round")
+    p.add_argument("--k2", type=int, default=3, help="tokens level 2 proposes per round")
+    p.add_argument("--levels", default=None, help="drafts top-down as kind:k,... (overrides --draft/--k)")
+    p.add_argument("--adaptive", action="store_true", help="grow/shrink k per level (ablations)")
+    p.add_argument(
+        "--quantize-head",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="mxfp4 drafts also cast the output head (default: yes)",
+    )
+    args = p.parse_args(argv)
+    try:
+        args.drafts = parse_levels(args)
+    except ValueError as e:
+        p.error(str(e))
+    if args.temperature < 0:
+        p.error("--temperature must be >= 0")
+    if args.top_k is not None and args.top_k < 1:
+        p.error("--top-k must be >= 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        p.error("--top-p must be in (0, 1]")
+    if args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be >= 1")
+    return args
+
+
+def parse_levels(args) -> list[tuple[str, int]]:
+    """[(kind, k), ...] for the draft levels, top-down."""
+    if args.levels:
+        drafts = []
+        for item in args.levels.split(","):
+            kind, _, k = item.strip().rpartition(":")
+            if not kind or not k.lstrip("-").isdigit():
+                raise ValueError(f"--levels entries are kind:k, got {item!r}")
+            drafts.append((kind, int(k)))
+    else:
+        drafts = [(args.draft, args.k), (args.draft2, args.k2)]
+        if drafts[0][0] == "none":
+            if drafts[1][0] != "none":
+                raise ValueError("--draft2 needs a --draft above it")
+            drafts = []
+        elif drafts[1][0] == "none":
+            drafts = drafts[:1]
+    for kind, k in drafts:
+        if k < 1:
+            raise ValueError(f"k must be >= 1 for every draft, got {k} for {kind}")
+        if kind == "none":
+            raise ValueError("'none' cannot sit between two drafts")
+    if any(kind == "ngram" for kind, _ in drafts[:-1]):
+        raise ValueError("ngram can only be the last level: nothing below it can speed it up")
+    return drafts
+
+
+def check_same_tokenizer(target_tok, draft_tok, name):
+    """A draft must speak the target's token ids. Padding rows may differ; the ids of real text may not."""
+    if draft_tok is None:
+        return
+    probe = "Hello world! The year 2025, naïve café 東京 — def f(x):\n\treturn x ** 2  # done"
+    if draft_tok.encode(probe) != target_tok.encode(probe):
+        raise ValueError(
+            f"draft {name} uses another tokenizer than the target: speculation needs the same ids"
+        )
+
+
+def build_levels(target, tokenizer, drafts, device, dtype, quantize_head=True, compile=None):
+    """ModelLevels (and proposers) for [target, *drafts], top-down. `mxfp4` casts the model of the
+    level above it; `tiny` is the distilled student of the embedded SmolLM2."""
+    levels = [ModelLevel(target, "target", compile=compile)]
+    for kind, _ in drafts:
+        above = getattr(levels[-1], "model", None)
+        if kind == "ngram":
+            levels.append(NgramProposer())
+            continue
+        if kind == "mxfp4":
+            from mxfp4 import quantize_model
+
+            model, name = quantize_model(above, quantize_output=quantize_head), f"mxfp4({levels[-1].name})"
+        elif kind == "tiny":
+            from tiny import load_tiny
+
+            model, name = load_tiny(target), "tiny"
+        else:
+            model, draft_tok = load_model(kind, device, dtype)
+            check_same_tokenizer(tokenizer, draft_tok, kind)
+            name = kind.rstrip("/").rsplit("/", 1)[-1]
+        levels.append(ModelLevel(model, name, compile=compile))
+    return levels
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but no CUDA device is available")
+    # fp32 on the CPU: bf16 matmuls are slower than fp32 on the CPUs we measured (see README).
+    dtype = (
+        DTYPES[args.dtype]
+        if args.dtype != "auto"
+        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
+    try:
+        model, tokenizer = load_model(args.checkpoint, device, dtype)
+    except (CheckpointError, FileNotFoundError, NotImplementedError) as e:
+        sys.exit(f"error: {e}")
+    if tokenizer is None:
+        sys.exit("error: no tokenizer found next to the checkpoint (tokenizer.json or tokenizer.model)")
+
+    text = args.prompt
+    if args.chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+    prompt = torch.tensor(tokenizer.encode(text, bos=tokenizer.add_bos), dtype=torch.long)
+    try:
+        levels = build_levels(model, tokenizer, args.drafts, device, dtype, args.quantize_head, args.compile)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    printed = ""
+
+    def stream(ids):
+        nonlocal printed
+        out = tokenizer.decode(ids)
+        if out.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            return
+        print(out[len(printed) :], end="", flush=True)
+        printed = out
+
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
+    try:
+        if len(levels) == 1:
+            _, stats = autoregressive_decode(
+                levels[0],
+                prompt,
+                args.max_new_tokens,
+                stop_ids=tokenizer.stop_ids,
+                on_token=stream,
+                **sampling,
+            )
+        else:
+            ks = [k for _, k in args.drafts]
+            _, stats = speculative_decode(
+                levels, prompt, args.max_new_tokens, k=ks, stop_ids=tokenizer.stop_ids, on_token=stream,
+                adaptive=args.adaptive, **sampling,
+            )  # fmt: skip
+    except ValueError as e:
+        sys.exit(f"\nerror: {e}")
+    summary = (
+        f"\n\n{stats.new_tokens} tokens in {stats.total_time:.2f} s: {stats.tokens_per_second:.1f} tokens/s, "
+        f"time to first token {1e3 * stats.time_to_first_token:.0f} ms ({stats.prompt_tokens}-token prompt), "
+        f"{stats.ms_per_token:.2f} ms/token ({device.type}, {str(dtype).removeprefix('torch.')})"
+    )
+    if len(levels) == 1:
+        # Bytes streamed per token: the number a memory-bound decoder is judged by.
+        gb = weight_bytes(model) / 1e9
+        gbps = gb * 1e3 / stats.ms_per_token if stats.ms_per_token else 0.0
+        summary += f", {gbps:.1f} GB/s of weights ({gb:.3f} GB per token)"
+    else:
+        summary += "\n" + format_stats(stats)
+    print(summary, file=sys.stderr)
+    return stats
+
+
+if __name__ == "__main__":
+    main()

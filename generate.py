@@ -16,6 +16,7 @@ import sys
 import torch
 
 from checkpoint import CheckpointError, load_model
+from kernels import cpu as cpu_kernels
 from model import weight_bytes
 from speculate import ModelLevel, NgramProposer, autoregressive_decode, format_stats, speculative_decode
 
@@ -35,7 +36,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument(
-        "--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, float32 on CPU"
+        "--dtype",
+        default="auto",
+        choices=["auto", *DTYPES],
+        help="auto: bfloat16 on CUDA and on CPUs with our kernels (AVX-512), else float32",
     )
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument(
@@ -135,17 +139,21 @@ def build_levels(target, tokenizer, drafts, device, dtype, quantize_head=True, c
     return levels
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, and on a CPU that runs our kernels (kernels/cpu: 1.9x torch fp32 there, and its
+    multi-token forwards round exactly like one-token steps); elsewhere fp32, because torch's own
+    bf16 matmul is slower than fp32 on the CPUs we measured."""
+    if device.type == "cuda" or (device.type == "cpu" and cpu_kernels.available()):
+        return torch.bfloat16
+    return torch.float32
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but no CUDA device is available")
-    # fp32 on the CPU: bf16 matmuls are slower than fp32 on the CPUs we measured (see README).
-    dtype = (
-        DTYPES[args.dtype]
-        if args.dtype != "auto"
-        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    )
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else default_dtype(device)
     try:
         model, tokenizer = load_model(args.checkpoint, device, dtype)
     except (CheckpointError, FileNotFoundError, NotImplementedError) as e:

@@ -2,6 +2,8 @@
 
 This file knows nothing of checkpoints, quantization or speculation. Quantized layers replace
 `nn.Linear` from outside (see mxfp4.py), so the network reads the same for every weight format.
+On the CPU it calls three kernels itself (kernels/cpu: attention over the cache, RMSNorm, RoPE; the
+plain code below is the fallback), so that a multi-token forward rounds exactly like one-token steps.
 
 Two ways to run it:
   model(tokens)             no cache: full causal logits [B, T, vocab] (tests, teaching).
@@ -18,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from kernels import cpu as cpu_kernels
 
 
 @dataclass
@@ -186,10 +190,17 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             k, v = self.kv_cache.update(input_pos, k, v)
-            y = F.scaled_dot_product_attention(
-                q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=True
-            )
+            y = cached_attention(q, k, v, mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
+
+
+def cached_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention of the new tokens q over the whole cache k, v; mask says which slots each token sees.
+    On the CPU our kernel computes each token's row alone, so a verification forward over k+1 tokens
+    gives exactly the outputs of k+1 one-token steps (SDPA's blocking depends on the token count)."""
+    if cpu_kernels.attention_usable(q, k, mask):
+        return cpu_kernels.attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=True)
 
 
 class FeedForward(nn.Module):
@@ -212,6 +223,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if cpu_kernels.usable(x) and cpu_kernels.usable(self.weight):
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)  # the same maths in one call
         # Normalise in fp32 (bf16 sums of squares lose bits), scale in the run dtype, as Llama does.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -246,6 +259,8 @@ def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
     """Rotate pairs (x[i], x[i + head_dim/2]): Hugging Face's layout, so HF weights load unpermuted
     (llama.cpp permutes q/k rows for its interleaved layout; the GGUF loader undoes that).
     x [B, H, T, D], freqs [T, D/2, 2]."""
+    if cpu_kernels.usable(x) and freqs.dim() == 3:
+        return cpu_kernels.rope(x, freqs)  # the same maths in one call
     x1, x2 = x.float().chunk(2, dim=-1)
     cos, sin = freqs[..., 0], freqs[..., 1]
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

@@ -38,6 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels import cpu as cpu_kernels
+
 try:  # the kernel needs triton; without it every device takes the plain PyTorch path
     from kernels.mxfp4_triton import KERNEL_DTYPES, mxfp4_linear
 except ImportError:
@@ -130,8 +132,9 @@ def e8m0_to_float(scales: Tensor) -> Tensor:
 
 class MXFP4Linear(nn.Module):
     """y = x @ W.T (+ bias) with W stored as MXFP4 in the buffers `codes` [N, K/2] and `scales`
-    [N, K/32]. The output has x's dtype. On CUDA the Triton kernel reads the packed weight
-    directly; elsewhere W is dequantized to x's dtype and multiplied (the same maths, slower)."""
+    [N, K/32]. The output has x's dtype. The packed weight is read directly by the Triton kernel on
+    CUDA and by the C++ kernel on an AVX-512 CPU (kernels/cpu); elsewhere W is dequantized to x's
+    dtype and multiplied (the same maths, slower)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None):
         super().__init__()
@@ -164,6 +167,8 @@ class MXFP4Linear(nn.Module):
         if x.is_cuda and mxfp4_linear is not None and x.dtype in KERNEL_DTYPES:
             y = mxfp4_linear(x.reshape(-1, self.in_features), self.codes, self.scales)
             y = y.view(*x.shape[:-1], self.out_features)
+        elif cpu_kernels.usable(x):
+            y = cpu_kernels.mxfp4_linear(x, self.codes, self.scales)
         else:
             y = F.linear(x, dequantize(self.codes, self.scales, x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)

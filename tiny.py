@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels import cpu as cpu_kernels
 from model import Transformer
 
 ARTIFACT = Path(__file__).resolve().parent / "tiny" / "smollm2-135m-tiny.pth"
@@ -199,4 +200,5 @@ def load_tiny(target_model: Transformer, path=None) -> Transformer:
                 p.copy_(enc["full"])
             else:
                 p.add_(dequantize_delta(enc).to(device=p.device, dtype=p.dtype))
+    cpu_kernels.use_bf16_kernel(student)  # as checkpoint.build_model does for the target
     return student.eval().requires_grad_(False)

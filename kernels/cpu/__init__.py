@@ -1,0 +1,339 @@
+"""The CPU decode step in C++ (AVX-512): weight-only linears y [..., N] = x [..., K] @ W.T, attention
+over the KV cache, RMSNorm and RoPE.
+
+    from kernels import cpu as cpu_kernels
+    if cpu_kernels.available():                    # builds the extension on first use
+        y = cpu_kernels.mxfp4_linear(x, codes, scales)   # W in MXFP4, mxfp4.py's layout as is
+        y = cpu_kernels.bf16_linear(x, w_bf16)           # W in bf16 [N, K]
+        y = cpu_kernels.attention(q, k_cache, v_cache, mask)   # [B, H, T, D] over [B, KVH, S, D]
+        y = cpu_kernels.rms_norm(x, weight, eps); y = cpu_kernels.rope(q, freqs)
+
+Who calls them: MXFP4Linear (mxfp4.py) and BF16Linear (here; checkpoint.py swaps bf16 nn.Linear
+layers on the CPU for it) for the linears; model.py for attention over the cache, RMSNorm and RoPE,
+each behind `usable(...)` with the plain PyTorch code as the fallback. Every one of them computes each
+output row alone, by the same operations whatever the number of rows, so a verification forward over
+k+1 tokens gives bit-identical logits to k+1 one-token steps (with bf16 or MXFP4 weights; an fp32
+target still goes through torch's GEMM, which is not M-invariant).
+
+Both take x in float32 or bfloat16 of any shape [..., K] and return [..., N] in x's dtype,
+accumulated in fp32. No autograd (call them under torch.no_grad() or inference_mode), no bias.
+
+  mxfp4_linear  the weight as quantized: codes uint8 [N, K/2], scales uint8 [N, K/32], no repacking.
+                Equals dequantize-then-matmul up to the order of the fp32 additions (the decoded
+                weights are exact).
+  bf16_linear   x is rounded to bf16 (nearest even) first, as vdpbf16ps needs, so the result is that
+                of a bf16 x bf16 matmul with fp32 accumulation, on every CPU. The default kernel does
+                exact fp32 FMAs on the bf16 values (bf16 -> fp32 is a shift), odd element then even
+                element of each pair: the order of vdpbf16ps, which the optional vdpbf16ps kernel
+                (SPECQD_CPU_BF16_DOT) uses, so both give the same bits except that vdpbf16ps treats
+                subnormal inputs and results as zero. vdpbf16ps is not the default because it was no
+                faster at M = 1 and 1.4x slower at M = 8..16 on the Xeon we measured.
+
+Bit-identical across M: for any output y[m, n] the same floating-point operations run in the same
+order whether x has 1 row or 16 (or 100), and whatever the number of threads (the work is split over
+N only). So a verification forward over k+1 tokens gets exactly the linear outputs of k+1 one-token
+steps. See kernels_avx512.cpp for the tiling and the argument.
+
+Threads: torch.get_num_threads() of them (torch.set_num_threads), from a small pool of our own in
+which the caller never waits for a helper that has not started (thread_pool.h says why: OpenMP's
+fork-join took a scheduler time slice per call on a busy machine). Matrices under ~48 KB of weight
+run on the calling thread only.
+
+torch.compile: the functions are also the operators torch.ops.specqd_cpu.mxfp4_linear / bf16_linear
+(with shape functions), and under compilation the two wrappers below call those, so a model that uses
+them compiles with fullgraph=True. Call available() once before compiling: the first call builds or
+loads the library, which the compiler cannot trace.
+
+Build. On first use the sources here are compiled with torch.utils.cpp_extension.load (g++ or the
+compiler in $CXX, and ninja) into ~/.cache/specqd/cpu_kernels/<hash>/ ($SPECQD_CACHE_DIR or
+$XDG_CACHE_HOME move it); later processes load the cached library. If the build fails, the CPU is
+not x86-64 with AVX-512 (F, BW, DQ, VL), or SPECQD_NO_CPU_KERNELS=1 is set, available() is False
+(with one warning saying why, except for the environment variable) and callers keep to PyTorch.
+
+Environment (read once, when the extension is first loaded):
+  SPECQD_NO_CPU_KERNELS=1   never build or use the kernels.
+  SPECQD_CPU_BF16_DOT=1     bf16_linear uses vdpbf16ps when the CPU reports avx512_bf16.
+  SPECQD_CPU_BF16_DOT=force ... even when it does not (a hypervisor can hide the feature; testing
+                            only: SIGILL on hardware without it). Unset or 0: the FMA kernel.
+
+This package imports nothing of the project's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "available",
+    "unavailable_reason",
+    "mxfp4_linear",
+    "bf16_linear",
+    "BF16Linear",
+    "use_bf16_kernel",
+    "attention",
+    "rms_norm",
+    "rope",
+    "info",
+]
+
+_SOURCES = ("ops.cpp", "kernels_avx512.cpp", "attention_avx512.cpp", "norm_rope.cpp")
+_HEADERS = ("kernels.h", "thread_pool.h")
+# -O3 and nothing target-specific: the kernels carry their own target attributes and are only called
+# after a run-time CPU check. -ffp-contract=off: no fused multiply-adds other than the written ones.
+_CFLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno")
+
+_EXT = None  # the loaded extension module
+_TRIED = False
+_REASON: str | None = None  # why the kernels are unavailable
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SPECQD_CACHE_DIR")
+    if root:
+        return Path(root) / "cpu_kernels"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "specqd" / "cpu_kernels"
+
+
+def _build_dir(flags: tuple[str, ...]) -> Path:
+    """A folder named by a hash of everything the binary depends on, so that edits or a new torch
+    never load a stale library (torch's own versioning would rebuild in place, racing with other
+    processes)."""
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in _SOURCES + _HEADERS:
+        h.update((here / name).read_bytes())
+    for part in (torch.__version__, sys.version, " ".join(flags), os.environ.get("CXX", "")):
+        h.update(part.encode())
+    return _cache_dir() / h.hexdigest()[:16]
+
+
+def _build(flags: tuple[str, ...]):
+    import fcntl  # POSIX only; elsewhere the ImportError means PyTorch's path
+
+    from torch.utils import cpp_extension
+
+    # torch runs `ninja` from PATH; `pip install ninja` puts it next to the interpreter, which is not on
+    # PATH when the virtual environment is used without being activated (as `make test` does).
+    venv_bin = Path(sys.executable).parent
+    if shutil.which("ninja") is None and (venv_bin / "ninja").exists():
+        os.environ["PATH"] = f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"
+    here = Path(__file__).parent
+    build_dir = _build_dir(flags)
+    if not any(build_dir.glob("*.so")):
+        print("specqd: compiling the CPU kernels (first use, about a minute)...", file=sys.stderr)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # torch's own build lock is a plain file that a killed build leaves behind, and every later
+    # process then waits on it forever. An flock dies with its holder: under it, a leftover file
+    # can only be stale.
+    with open(build_dir / "specqd.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        return cpp_extension.load(
+            name="specqd_cpu_kernels",
+            sources=[str(here / s) for s in _SOURCES],
+            extra_cflags=list(flags),
+            extra_include_paths=[str(here)],
+            build_directory=str(build_dir),
+            verbose=False,
+        )
+
+
+def _load():
+    """Build (first time) or load the extension; returns it, or None with _REASON set."""
+    global _REASON
+    if os.environ.get("SPECQD_NO_CPU_KERNELS", "0") not in ("", "0"):
+        _REASON = "disabled by SPECQD_NO_CPU_KERNELS"
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        _REASON = f"the kernels are x86-64 only (this is {platform.machine()})"
+        return None
+    try:
+        ext = _build(_CFLAGS)
+    except Exception as e:  # no compiler, no ninja, a compile error: PyTorch's path it is
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        _REASON = f"the build failed ({first[:300]})"
+        return None
+    if not ext.cpu_has_avx512():
+        _REASON = "the CPU lacks AVX-512 (F, BW, DQ, VL)"
+        return None
+    ext.set_bf16_dot_mode({"1": 1, "force": 2}.get(os.environ.get("SPECQD_CPU_BF16_DOT", ""), 0))
+    _register_fakes()
+    return ext
+
+
+def _register_fakes():
+    """Shape functions of torch.ops.specqd_cpu.* (the library registered them as operators), so that
+    torch.compile can trace calls to them."""
+
+    @torch.library.register_fake("specqd_cpu::mxfp4_linear")
+    def _(x, codes, scales):
+        return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
+    @torch.library.register_fake("specqd_cpu::bf16_linear")
+    def _(x, w):
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+    @torch.library.register_fake("specqd_cpu::rms_norm")
+    def _(x, weight, eps):
+        return torch.empty_like(x, dtype=torch.promote_types(x.dtype, weight.dtype))
+
+    @torch.library.register_fake("specqd_cpu::rope")
+    def _(x, freqs):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("specqd_cpu::attention")
+    def _(q, k, v, mask, scale):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _ensure():
+    global _EXT, _TRIED
+    if not _TRIED:
+        _TRIED = True
+        _EXT = _load()
+        if _EXT is None and _REASON and "SPECQD_NO_CPU_KERNELS" not in _REASON:
+            warnings.warn(f"specqd: CPU kernels unavailable, using PyTorch: {_REASON}", stacklevel=3)
+    return _EXT
+
+
+def available() -> bool:
+    """Whether the kernels can run here (builds or loads them on the first call)."""
+    return (_EXT if _TRIED else _ensure()) is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why available() is False (None when it is True)."""
+    _ensure()
+    return _REASON
+
+
+def _require():
+    ext = _ensure()
+    if ext is None:
+        raise RuntimeError(f"specqd CPU kernels unavailable: {_REASON}")
+    return ext
+
+
+# Eager calls go straight to the pybind functions (~1 us a call; the torch.ops path costs ~2 us);
+# under torch.compile the operators, which the compiler can put in its graph.
+
+
+def mxfp4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [..., K] (float32 or bfloat16) @ W.T, W in MXFP4 (codes uint8 [N, K/2], scales uint8 [N, K/32]):
+    [..., N] in x's dtype."""
+    if torch.compiler.is_compiling():
+        return torch.ops.specqd_cpu.mxfp4_linear(x, codes, scales)
+    return (_EXT or _require()).mxfp4_linear(x, codes, scales)
+
+
+def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] (float32 or bfloat16, rounded to bf16) @ w.T, w bfloat16 [N, K]: [..., N] in x's dtype."""
+    if torch.compiler.is_compiling():
+        return torch.ops.specqd_cpu.bf16_linear(x, w)
+    return (_EXT or _require()).bf16_linear(x, w)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q @ k.T / sqrt(D), where mask) @ v for q [B, H, T, D] over a cache k, v [B, KVH, S, D]
+    (grouped-query: H a multiple of KVH), mask bool [T, S]: [B, H, T, D] in q's dtype. Each output row
+    is computed alone, so T tokens at once give exactly the rows of T one-token calls. D % 16 == 0."""
+    scale = q.shape[-1] ** -0.5
+    if torch.compiler.is_compiling():
+        return torch.ops.specqd_cpu.attention(q, k, v, mask, scale)
+    return (_EXT or _require()).attention(q, k, v, mask, scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """model.py's RMSNorm in one call: weight * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(x.dtype)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.specqd_cpu.rms_norm(x, weight, eps)
+    return (_EXT or _require()).rms_norm(x, weight, eps)
+
+
+def rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """model.py's apply_rope in one call: x [B, H, T, D], freqs float32 [T, D/2, 2] (cos, sin)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.specqd_cpu.rope(x, freqs)
+    return (_EXT or _require()).rope(x, freqs)
+
+
+def attention_usable(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether attention() takes these: a 2-D [T, S] bool mask, head_dim a multiple of 16 up to 256,
+    the cache in fp32 or bf16, and usable(q)."""
+    d = q.shape[-1]
+    return (
+        mask is not None
+        and mask.dim() == 2
+        and mask.dtype == torch.bool
+        and d % 16 == 0
+        and d <= 256
+        and k.dtype in (torch.float32, torch.bfloat16)
+        and usable(q)
+    )
+
+
+def info() -> dict:
+    """What is in use: availability, reason, whether the CPU reports avx512_bf16, whether bf16_linear
+    uses vdpbf16ps, threads."""
+    ext = _ensure()
+    return {
+        "available": ext is not None,
+        "reason": _REASON,
+        "avx512_bf16_reported": bool(ext and ext.cpu_has_avx512_bf16()),
+        "bf16_dot": bool(ext and ext.bf16_dot_in_use()),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether a layer should call the kernels for input x: a CPU tensor of a dtype they take, no
+    gradient wanted (they have no backward), and the kernels built."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and available()
+    )
+
+
+class BF16Linear(nn.Linear):
+    """nn.Linear whose bf16 weight is multiplied by bf16_linear on the CPU (torch's bf16 GEMV reads
+    at about half the fp32 bandwidth there); anything else takes nn.Linear's own path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if w.dtype == torch.bfloat16 and usable(x) and not (torch.is_grad_enabled() and w.requires_grad):
+            y = bf16_linear(x, w)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        return super().forward(x)
+
+
+def use_bf16_kernel(model: nn.Module) -> int:
+    """Make every plain nn.Linear of `model` with a bf16 CPU weight a BF16Linear, in place, keeping the
+    very same weight and bias Parameters (a tied head stays tied). Returns how many were swapped; 0
+    when the kernels are unavailable."""
+    swaps = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is nn.Linear
+        and child.weight.dtype == torch.bfloat16
+        and child.weight.device.type == "cpu"
+    ]
+    if not swaps or not available():  # no bf16 CPU weight: no need to build the kernels
+        return 0
+    for parent, name, child in swaps:
+        layer = BF16Linear(child.in_features, child.out_features, bias=False, device="meta")
+        layer.weight, layer.bias = child.weight, child.bias
+        setattr(parent, name, layer)
+    return len(swaps)

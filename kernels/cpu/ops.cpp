@@ -1,0 +1,262 @@
+// The torch side of the CPU kernels: argument checks, the activation layout, threading over N, and
+// the Python bindings. Compiled for baseline x86-64; the AVX-512 code is all in kernels_avx512.cpp and
+// only reached after the run-time CPU check (cpu_has_avx512).
+
+#include <ATen/Parallel.h>  // at::get_num_threads
+#include <torch/extension.h>
+
+#include <cstdlib>
+#include <vector>
+
+#include "kernels.h"
+#include "thread_pool.h"
+
+namespace specqd_cpu {
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);  // norm_rope.cpp
+at::Tensor rope(const at::Tensor& x, const at::Tensor& freqs);                   // norm_rope.cpp
+
+namespace {
+
+// vdpbf16ps for bf16_linear: 0 = never (the default: the FMA kernel gives the same bits, except for
+// subnormals, and was as fast or faster where we measured), 1 = when the CPU reports avx512_bf16,
+// 2 = always (testing only: a hypervisor may hide a feature the hardware has; without it, SIGILL).
+// Set once, before the first call: switching paths mid-run would break nothing but subnormal bits.
+int g_bf16_dot_mode = 0;
+
+bool bf16_dot_in_use() {
+  if (!built_with_bf16_dot() || g_bf16_dot_mode == 0) return false;
+  return g_bf16_dot_mode == 2 || cpu_has_avx512_bf16();
+}
+
+// Scratch memory for the rearranged activations. At decode time it is at most 16 x K floats: a
+// per-thread buffer, reused across calls, so the hot path does not allocate. A large prefill gets a
+// temporary tensor instead (`keep` holds it until the call returns), so that no thread keeps hundreds
+// of megabytes for the rest of the process.
+constexpr size_t kMaxCachedScratch = 4 << 20;
+
+void* scratch(size_t bytes, at::Tensor& keep) {
+  if (bytes > kMaxCachedScratch) {
+    keep = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte));
+    return keep.data_ptr();  // torch's CPU allocator aligns to 64 bytes
+  }
+  struct Buffer {
+    void* p = nullptr;
+    size_t capacity = 0;
+    ~Buffer() { std::free(p); }
+  };
+  thread_local Buffer buf;
+  if (bytes > buf.capacity) {
+    std::free(buf.p);
+    buf.capacity = (bytes + 4095) / 4096 * 4096;
+    buf.p = std::aligned_alloc(64, buf.capacity);
+    TORCH_CHECK(buf.p != nullptr, "specqd cpu kernels: out of memory for ", bytes, " bytes of scratch");
+  }
+  return buf.p;
+}
+
+// Rows of x: the product of its leading dimensions (x.numel() / K fails for K = 0).
+int64_t leading_rows(const at::Tensor& x) {
+  int64_t m = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
+  return m;
+}
+
+// Threads split the N output rows into chunks (never K: that would change the order of the additions),
+// claimed dynamically from thread_pool.h's pool; torch.set_num_threads sets how many threads take part.
+// A chunk is a multiple of 16 rows (whole tiles) and about kChunkBytes of weight: small enough to share
+// the work out evenly, large enough that claiming it (one atomic add) costs nothing. A matrix of a
+// single chunk runs on the calling thread alone, where waking a helper would cost more than it saves.
+constexpr int64_t kChunkBytes = 48 * 1024;
+
+template <typename F>
+void for_rows(int64_t N, int64_t bytes_per_row, const F& f) {
+  const int64_t rows = std::max<int64_t>(16, kChunkBytes / std::max<int64_t>(1, bytes_per_row) / 16 * 16);
+  const int64_t chunks = (N + rows - 1) / rows;
+  const int threads = at::get_num_threads();
+  if (chunks <= 1 || threads <= 1) return f(0, N);
+  struct Job {
+    const F* f;
+    int64_t rows, N;
+  } job{&f, rows, N};
+  ThreadPool::instance().run(chunks, threads, [](void* ctx, int64_t i) {
+    const Job& j = *static_cast<const Job*>(ctx);
+    (*j.f)(i * j.rows, std::min(j.N, (i + 1) * j.rows));
+  }, &job);
+}
+
+void check_common(const at::Tensor& x, const at::Tensor& w, const char* what) {
+  TORCH_CHECK(cpu_has_avx512(), "specqd cpu kernels need AVX-512 (F, BW, DQ, VL); check available() first");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), what, ": CPU tensors expected");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, what,
+              ": x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1, what, ": x must have at least one dimension");
+  TORCH_CHECK(!(at::GradMode::is_enabled() && x.requires_grad()), what,
+              ": no autograd support (call it under torch.no_grad() / inference_mode)");
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return shape;
+}
+
+}  // namespace
+
+// y = x @ W.T with W in MXFP4 (codes [N, K/2], scales [N, K/32], mxfp4.py's layout). x float32 or
+// bfloat16 [..., K]; y [..., N] in x's dtype, accumulated in fp32.
+at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
+  check_common(x, codes, "mxfp4_linear");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && scales.scalar_type() == at::kByte,
+              "mxfp4_linear: codes and scales must be uint8");
+  TORCH_CHECK(codes.dim() == 2 && scales.dim() == 2, "mxfp4_linear: codes and scales must be 2-D");
+  const int64_t N = codes.size(0), K = codes.size(1) * 2;
+  TORCH_CHECK(K % 32 == 0 && scales.size(0) == N && scales.size(1) == K / 32, "mxfp4_linear: scales ",
+              scales.sizes(), " do not match codes ", codes.sizes());
+  TORCH_CHECK(x.size(-1) == K, "mxfp4_linear: x has ", x.size(-1), " features, the weight ", K);
+  TORCH_CHECK(scales.device().is_cpu(), "mxfp4_linear: CPU tensors expected");
+
+  const at::Tensor xc = x.contiguous(), cc = codes.contiguous(), sc = scales.contiguous();
+  const int64_t M = leading_rows(xc);
+  at::Tensor y = at::empty(out_shape(x, N), x.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0) return y.zero_();
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+
+  at::Tensor keep;
+  float* xp = static_cast<float*>(scratch(M * K * sizeof(float), keep));
+  if (bf16)
+    prep_even_odd_bf16(reinterpret_cast<const uint16_t*>(xc.data_ptr()), M, K, xp);
+  else
+    prep_even_odd_f32(xc.data_ptr<float>(), M, K, xp, false);
+
+  const uint8_t* cp = cc.data_ptr<uint8_t>();
+  const uint8_t* sp = sc.data_ptr<uint8_t>();
+  void* yp = y.data_ptr();
+  for_rows(N, K / 2 + K / 32, [&](int64_t n0, int64_t n1) { mxfp4_rows(xp, M, K, cp, sp, N, n0, n1, yp, bf16); });
+  return y;
+}
+
+// y = x @ W.T with W in bf16 [N, K]. x float32 or bfloat16 [..., K] is rounded to bf16 (nearest even)
+// and the bf16 x bf16 products are accumulated in fp32; y [..., N] in x's dtype.
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
+  check_common(x, w, "bf16_linear");
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2, "bf16_linear: w must be a 2-D bfloat16 tensor");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(x.size(-1) == K, "bf16_linear: x has ", x.size(-1), " features, the weight ", K);
+
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  const int64_t M = leading_rows(xc);
+  at::Tensor y = at::empty(out_shape(x, N), x.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0) return y.zero_();
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const int64_t kp = (K + 31) / 32 * 32;
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr());
+  void* yp = y.data_ptr();
+
+  at::Tensor keep;
+  if (bf16_dot_in_use()) {
+    uint16_t* xp = static_cast<uint16_t*>(scratch(M * kp * sizeof(uint16_t), keep));
+    if (bf16)
+      prep_bf16_pairs_bf16(reinterpret_cast<const uint16_t*>(xc.data_ptr()), M, K, xp);
+    else
+      prep_bf16_pairs_f32(xc.data_ptr<float>(), M, K, xp);
+    for_rows(N, 2 * K, [&](int64_t n0, int64_t n1) { bf16_rows_dot(xp, M, K, wp, N, n0, n1, yp, bf16); });
+  } else {
+    float* xp = static_cast<float*>(scratch(M * kp * sizeof(float), keep));
+    if (bf16)
+      prep_even_odd_bf16(reinterpret_cast<const uint16_t*>(xc.data_ptr()), M, K, xp);
+    else
+      prep_even_odd_f32(xc.data_ptr<float>(), M, K, xp, true);
+    for_rows(N, 2 * K, [&](int64_t n0, int64_t n1) { bf16_rows(xp, M, K, wp, N, n0, n1, yp, bf16); });
+  }
+  return y;
+}
+
+// Attention of the T new tokens q [B, H, T, D] over the cache k, v [B, KVH, S, D], slots visible where
+// mask [T, S] (bool) is true, scaled by `scale`; returns [B, H, T, D] in q's dtype. Every output row is
+// computed alone, the same way whatever T (attention_avx512.cpp), so a T-token forward gets exactly the
+// attention outputs of T one-token steps.
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                     double scale) {
+  TORCH_CHECK(cpu_has_avx512(), "specqd cpu kernels need AVX-512 (F, BW, DQ, VL); check available() first");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q, k, v must be [B, heads, T, D]");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.scalar_type() == v.scalar_type(), "attention: k and v differ");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KVH = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D, "attention: q ", q.sizes(), " does not match k ", k.sizes());
+  TORCH_CHECK(KVH > 0 && H % KVH == 0, "attention: ", H, " query heads for ", KVH, " kv heads");
+  TORCH_CHECK(D % 16 == 0 && D > 0 && D <= 256, "attention: head_dim must be a multiple of 16 up to 256");
+  for (const at::Tensor* t : {&q, &k, &v})
+    TORCH_CHECK(t->device().is_cpu() && (t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16),
+                "attention: CPU float32 or bfloat16 tensors expected");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == T && mask.size(1) == S,
+              "attention: mask must be bool [T, S] = [", T, ", ", S, "], got ", mask.sizes());
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), mc = mask.contiguous();
+  at::Tensor out = at::empty({B, H, T, D}, q.options().dtype(at::kFloat));
+  AttentionArgs a{qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), reinterpret_cast<const uint8_t*>(mc.data_ptr()),
+                  out.data_ptr<float>(), B, H, KVH, T, S, D, S, static_cast<float>(scale),
+                  q.scalar_type() == at::kBFloat16, k.scalar_type() == at::kBFloat16};
+  const int64_t rows = B * H * T;
+  auto run = [&](int64_t r0, int64_t r1) {
+    thread_local std::vector<float> scores;
+    thread_local std::vector<int32_t> slots;
+    if (static_cast<int64_t>(scores.size()) < S) scores.resize(S), slots.resize(S);
+    attention_rows(a, r0, r1, scores.data(), slots.data());
+  };
+  // Threads take whole rows; below ~64 K multiply-adds a helper's wake-up would cost more than it saves.
+  const int threads = at::get_num_threads();
+  if (threads <= 1 || rows <= 1 || rows * S * D < (1 << 16)) {
+    run(0, rows);
+  } else {
+    const int64_t per = std::max<int64_t>(1, rows / (4 * threads));
+    const int64_t chunks = (rows + per - 1) / per;
+    struct Job {
+      decltype(run)* f;
+      int64_t per, rows;
+    } job{&run, per, rows};
+    ThreadPool::instance().run(chunks, threads, [](void* ctx, int64_t i) {
+      const Job& j = *static_cast<const Job*>(ctx);
+      (*j.f)(i * j.per, std::min(j.rows, (i + 1) * j.per));
+    }, &job);
+  }
+  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+}
+
+}  // namespace specqd_cpu
+
+// The same functions as torch operators (torch.ops.specqd_cpu.*), for torch.compile: the Python side
+// registers their shape functions (fake kernels). Eager code calls the pybind functions below, which
+// skip the dispatcher.
+#ifndef SPECQD_NO_TORCH_LIBRARY  // defined only to load several builds into one process (A/B timing)
+TORCH_LIBRARY(specqd_cpu, m) {
+  m.def("mxfp4_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
+  m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rope(Tensor x, Tensor freqs) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(specqd_cpu, CPU, m) {
+  m.impl("mxfp4_linear", &specqd_cpu::mxfp4_linear);
+  m.impl("bf16_linear", &specqd_cpu::bf16_linear);
+  m.impl("attention", &specqd_cpu::attention);
+  m.impl("rms_norm", &specqd_cpu::rms_norm);
+  m.impl("rope", &specqd_cpu::rope);
+}
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace specqd_cpu;
+  m.def("mxfp4_linear", &mxfp4_linear, "y = x @ W.T, W in MXFP4 (codes, scales)", py::arg("x"), py::arg("codes"),
+        py::arg("scales"));
+  m.def("bf16_linear", &bf16_linear, "y = x @ W.T, W in bf16, x rounded to bf16", py::arg("x"), py::arg("w"));
+  m.def("attention", &attention, "softmax(q k^T * scale, mask) v over a KV cache", py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("mask"), py::arg("scale"));
+  m.def("rms_norm", &rms_norm, "model.py's RMSNorm in one call", py::arg("x"), py::arg("weight"), py::arg("eps"));
+  m.def("rope", &rope, "model.py's apply_rope in one call", py::arg("x"), py::arg("freqs"));
+  m.def("cpu_has_avx512", &cpu_has_avx512);
+  m.def("cpu_has_avx512_bf16", &cpu_has_avx512_bf16);
+  m.def("built_with_bf16_dot", &built_with_bf16_dot);
+  m.def("bf16_dot_in_use", &bf16_dot_in_use);
+  m.def("set_bf16_dot_mode", [](int mode) { g_bf16_dot_mode = mode <= 0 ? 0 : mode >= 2 ? 2 : 1; });
+}

@@ -1,0 +1,421 @@
+"""The C++ CPU kernels (kernels/cpu): each equals its PyTorch reference, gives bit-identical outputs
+whatever the number of rows M, threads or row range, and steps aside cleanly when disabled or unbuildable.
+
+The first test to need the extension compiles it (about a minute, once per machine; later runs load
+the cached library). Kernel tests skip, saying why, only where the extension cannot be built or the CPU
+lacks AVX-512; the fallback tests run everywhere.
+
+Tolerance. Both kernels decode the weight exactly and accumulate exact products in fp32, so they differ
+from a float64 reference only by the rounding of the additions: per output at most about
+(K/16 + 8) * 2^-24 * sum_k |x_k w_k| (K/16 FMAs per lane, then 4 additions across lanes; the bound
+of recursive summation). That is the tolerance used, relative to sum |x||w|, not to |y|.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import cpu as cpu_kernels
+from mxfp4 import dequantize, quantize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    if not cpu_kernels.available():
+        pytest.skip(f"CPU kernels unavailable here: {cpu_kernels.unavailable_reason()}")
+    return cpu_kernels
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def assert_close_to(y, ref, x_abs, w_abs, k):
+    """|y - ref| <= (K/16 + 8) 2^-24 sum|x||w| (see the module docstring), all in float64."""
+    bound = (k / 16 + 8) * 2.0**-24 * (x_abs @ w_abs.T) + 1e-300
+    err = (y.double() - ref).abs()
+    assert torch.isfinite(y).all()
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"error {worst:.3g} x the bound"
+
+
+def random_mxfp4(n, k, seed):
+    """A quantized random weight whose rows span many scales (2^-20 .. 2^20 times N(0, 1))."""
+    g = gen(seed)
+    row_scale = 2.0 ** torch.randint(-20, 21, (n, 1), generator=g).float()
+    w = torch.randn(n, k, generator=g) * row_scale
+    codes, scales = quantize(w)
+    return codes, scales, dequantize(codes, scales, torch.float32)
+
+
+# Shapes: K at block edges (32, 64, 96, ...) and N not a multiple of any tile (1, 3, 7, 33, 130, ...).
+MXFP4_SHAPES = [(1, 32), (3, 64), (7, 96), (33, 128), (130, 576), (5, 1536), (64, 32 * 37)]
+
+
+@pytest.mark.parametrize("n,k", MXFP4_SHAPES)
+def test_mxfp4_matches_dequantize_then_matmul(kernels, n, k):
+    codes, scales, w = random_mxfp4(n, k, seed=n * 1000 + k)
+    for m in (*range(1, 17), 23, 40):
+        x = torch.randn(m, k, generator=gen(m))
+        y = kernels.mxfp4_linear(x, codes, scales)
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        assert_close_to(y, x.double() @ w.double().T, x.double().abs(), w.double().abs(), k)
+
+
+def test_mxfp4_decodes_every_code_and_scale_exactly(kernels):
+    """One-hot x picks one weight column: y must be that dequantized weight, exactly. The codes are all
+    256 byte values (so every nibble, -0 included) and the scales every finite-result value 0..252."""
+    n, k = 256, 64
+    codes = torch.arange(256, dtype=torch.uint8)[:, None].repeat(1, k // 2)
+    codes = codes ^ torch.arange(k // 2, dtype=torch.uint8)  # vary the bytes along K too
+    scales = torch.randint(0, 253, (n, k // 32), generator=gen(1), dtype=torch.uint8)
+    scales[:3] = torch.tensor([0, 1, 252], dtype=torch.uint8)[:, None]  # subnormal, smallest, largest
+    w = dequantize(codes, scales, torch.float32)
+    eye = torch.eye(k)
+    y = kernels.mxfp4_linear(eye, codes, scales)  # y[j, n] = w[n, j]
+    assert (y == w.T).all()  # == so that -0 (code 8) equals the +0 the sum gives
+
+
+def test_mxfp4_bf16_x(kernels):
+    """bf16 x is widened exactly, so the result is the fp32 one rounded once to bf16."""
+    codes, scales, _ = random_mxfp4(77, 192, seed=3)
+    for m in (1, 5, 16):
+        x = torch.randn(m, 192, generator=gen(m)).bfloat16()
+        y = kernels.mxfp4_linear(x, codes, scales)
+        assert y.dtype == torch.bfloat16
+        assert torch.equal(y, kernels.mxfp4_linear(x.float(), codes, scales).bfloat16())
+
+
+# bf16 takes any K: block edges and partial blocks.
+BF16_SHAPES = [(1, 1), (3, 31), (7, 32), (9, 33), (33, 100), (130, 576), (5, 1536)]
+
+
+@pytest.mark.parametrize("n,k", BF16_SHAPES)
+def test_bf16_matches_reference(kernels, n, k):
+    w = torch.randn(n, k, generator=gen(n * 1000 + k)).bfloat16()
+    wd = w.double()
+    for m in (*range(1, 17), 23):
+        x = torch.randn(m, k, generator=gen(m))
+        y = kernels.bf16_linear(x, w)
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        xr = x.bfloat16().double()  # the documented rounding of x
+        assert_close_to(y, xr @ wd.T, xr.abs(), wd.abs(), k)
+        # bf16 x: the same products; the output rounded once to bf16.
+        yb = kernels.bf16_linear(x.bfloat16(), w)
+        assert yb.dtype == torch.bfloat16 and torch.equal(
+            yb, kernels.bf16_linear(x.bfloat16().float(), w).bfloat16()
+        )
+
+
+def test_bf16_rounds_x_like_torch(kernels):
+    """x is rounded to bf16 as torch rounds it (nearest, ties to even): exactly the same outputs."""
+    k = 64
+    w = torch.randn(40, k, generator=gen(5)).bfloat16()
+    x = torch.randn(8, k, generator=gen(6))
+    bits = x.view(torch.int32)
+    x_ties = ((bits & ~0xFFFF) | 0x8000).view(torch.float32)  # exactly half-way between two bf16
+    for xx in (x, x_ties):
+        assert torch.equal(kernels.bf16_linear(xx, w), kernels.bf16_linear(xx.bfloat16().float(), w))
+
+
+def test_bf16_close_to_torch_linear(kernels):
+    """Same maths as torch's bf16 linear, up to the order of the fp32 additions."""
+    w = torch.randn(300, 576, generator=gen(7)).bfloat16()
+    x = torch.randn(4, 576, generator=gen(8)).bfloat16()
+    ref = F.linear(x.float(), w.float())
+    torch.testing.assert_close(kernels.bf16_linear(x.float(), w), ref, rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bit-identity: the property speculative verification relies on.
+
+
+def _both_kernels(kernels, n, k, seed):
+    codes, scales, _ = random_mxfp4(n, k, seed)
+    w16 = torch.randn(n, k, generator=gen(seed + 1)).bfloat16()
+    return {
+        "mxfp4": lambda x: kernels.mxfp4_linear(x, codes, scales),
+        "bf16": lambda x: kernels.bf16_linear(x, w16),
+    }
+
+
+@pytest.mark.parametrize("n,k", [(131, 576), (37, 1536), (960, 64)])
+def test_bit_identical_for_every_m(kernels, n, k):
+    """y for M rows at once == the rows one at a time == any split into chunks (torch.equal)."""
+    for name, f in _both_kernels(kernels, n, k, seed=11).items():
+        x = torch.randn(40, k, generator=gen(12))
+        for dtype in (torch.float32, torch.bfloat16):
+            xs = x.to(dtype)
+            single = torch.cat([f(xs[i : i + 1]) for i in range(40)])
+            for m in (2, 3, 4, 5, 8, 9, 16, 17, 40):
+                assert torch.equal(f(xs[:m]), single[:m]), (name, dtype, m)
+            chunks = torch.cat([f(c) for c in xs.split([3, 5, 8, 1, 16, 7])])
+            assert torch.equal(chunks, single), (name, dtype)
+            # The leading shape does not matter either: [B, T, K] as the model calls it.
+            assert torch.equal(f(xs[:8].reshape(1, 8, k)), single[:8].reshape(1, 8, n)), (name, dtype)
+
+
+def test_bit_identical_across_threads(kernels):
+    """Threads split N only, so their number changes nothing."""
+    fns = _both_kernels(kernels, 4100, 576, seed=21)  # ~1.2 MB of MXFP4: split over threads
+    x = torch.randn(6, 576, generator=gen(22))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = {name: f(x) for name, f in fns.items()}
+        torch.set_num_threads(max(2, before))
+        many = {name: f(x) for name, f in fns.items()}
+    finally:
+        torch.set_num_threads(before)
+    for name in fns:
+        assert torch.equal(one[name], many[name]), name
+
+
+def test_bit_identical_for_any_row_range(kernels):
+    """Where a row falls in a tile does not matter: a slice of W gives the same columns of y."""
+    codes, scales, _ = random_mxfp4(103, 256, seed=31)
+    w16 = torch.randn(103, 256, generator=gen(32)).bfloat16()
+    x = torch.randn(7, 256, generator=gen(33))
+    y_mx, y_bf = kernels.mxfp4_linear(x, codes, scales), kernels.bf16_linear(x, w16)
+    for a, b in [(0, 1), (1, 4), (3, 10), (50, 103), (101, 103)]:
+        assert torch.equal(kernels.mxfp4_linear(x, codes[a:b], scales[a:b]), y_mx[:, a:b])
+        assert torch.equal(kernels.bf16_linear(x, w16[a:b]), y_bf[:, a:b])
+
+
+def test_torch_compile_traces_the_operators(kernels):
+    """Under torch.compile the wrappers call torch.ops.specqd_cpu.* (with shape functions), so a
+    fullgraph compile works and gives the eager bits."""
+    codes, scales, _ = random_mxfp4(40, 128, seed=51)
+    w16 = torch.randn(24, 128, generator=gen(52)).bfloat16()
+
+    def f(x):
+        return kernels.mxfp4_linear(x, codes, scales), kernels.bf16_linear(x, w16)
+
+    x = torch.randn(5, 128, generator=gen(53))
+    with torch.no_grad():
+        compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+        for got, want in zip(compiled(x), f(x)):
+            assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments.
+
+
+def test_shapes_and_errors(kernels):
+    codes, scales, _ = random_mxfp4(8, 64, seed=41)
+    w16 = torch.randn(8, 64).bfloat16()
+    assert kernels.mxfp4_linear(torch.randn(0, 64), codes, scales).shape == (0, 8)
+    assert kernels.bf16_linear(torch.randn(2, 3, 64), w16).shape == (2, 3, 8)
+    x = torch.randn(2, 64)
+    assert torch.equal(
+        kernels.mxfp4_linear(x.t().contiguous().t(), codes, scales), kernels.mxfp4_linear(x, codes, scales)
+    )
+    with pytest.raises(RuntimeError):
+        kernels.mxfp4_linear(torch.randn(2, 32), codes, scales)  # K mismatch
+    with pytest.raises(RuntimeError):
+        kernels.mxfp4_linear(x, codes, scales[:, :1])  # scales do not match codes
+    with pytest.raises(RuntimeError):
+        kernels.mxfp4_linear(x.half(), codes, scales)  # fp16 x is not supported
+    with pytest.raises(RuntimeError):
+        kernels.bf16_linear(x, w16.float())  # the weight must be bf16
+    with pytest.raises(RuntimeError):  # no autograd: refuse rather than silently drop the graph
+        kernels.bf16_linear(x.requires_grad_(), w16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fallbacks: run in a subprocess, since the environment is read when the extension first loads.
+
+
+def _run(code, **env):
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300
+    )
+
+
+FALLBACK_CHECK = """
+import warnings
+import torch
+from kernels import cpu
+from mxfp4 import MXFP4Linear, dequantize
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    assert not cpu.available()
+    assert not cpu.available()  # a second call neither retries nor warns again
+print("REASON:", cpu.unavailable_reason())
+print("WARNINGS:", sum("specqd" in str(w.message) for w in caught))
+try:
+    zeros = torch.zeros(4, 17, dtype=torch.uint8)
+    cpu.mxfp4_linear(torch.randn(1, 32), zeros[:, :16], zeros[:, 16:])
+    print("CALL: ran")
+except RuntimeError:
+    print("CALL: refused")
+# The model's layer still works, on PyTorch's path.
+layer = MXFP4Linear.from_linear(torch.nn.Linear(64, 24, bias=False))
+x = torch.randn(3, 64)
+ref = x @ dequantize(layer.codes, layer.scales, torch.float32).T
+torch.testing.assert_close(layer(x), ref)
+print("LAYER: ok")
+"""
+
+
+def test_disabled_by_environment():
+    r = _run(FALLBACK_CHECK, SPECQD_NO_CPU_KERNELS="1")
+    assert r.returncode == 0, r.stderr
+    assert "REASON: disabled by SPECQD_NO_CPU_KERNELS" in r.stdout
+    assert "WARNINGS: 0" in r.stdout  # asked for: no warning
+    assert "CALL: refused" in r.stdout and "LAYER: ok" in r.stdout
+
+
+def test_build_failure_falls_back_with_one_warning(tmp_path):
+    """No working compiler: one warning, available() False, PyTorch's path still works."""
+    r = _run(FALLBACK_CHECK, CXX="/bin/false", SPECQD_CACHE_DIR=str(tmp_path), SPECQD_NO_CPU_KERNELS="0")
+    assert r.returncode == 0, r.stderr
+    reason = next(line for line in r.stdout.splitlines() if line.startswith("REASON:"))
+    assert "build failed" in reason or "x86-64 only" in reason, reason
+    assert "WARNINGS: 1" in r.stdout
+    assert "CALL: refused" in r.stdout and "LAYER: ok" in r.stdout
+
+
+def test_vdpbf16ps_kernel_gives_the_same_bits(kernels, tmp_path):
+    """The optional vdpbf16ps kernel equals the default FMA kernel bit for bit (normal numbers), across
+    M too. Run in a subprocess with SPECQD_CPU_BF16_DOT=force: skipped where the instruction is absent
+    (SIGILL), which CPUID may not tell (hypervisors hide it)."""
+    code = """
+import torch
+from kernels import cpu
+assert cpu.available() and cpu.info()["bf16_dot"]
+g = torch.Generator().manual_seed(0)
+out = {}
+for n, k in [(131, 576), (9, 33), (5, 1)]:
+    w = torch.randn(n, k, generator=g).bfloat16()
+    x = torch.randn(17, k, generator=g)
+    single = torch.cat([cpu.bf16_linear(x[i : i + 1], w) for i in range(17)])
+    out[(n, k)] = (cpu.bf16_linear(x, w), single, x, w)
+torch.save(out, OUT)
+"""
+    path = tmp_path / "dot.pt"
+    r = _run(f"OUT = {str(path)!r}\n" + code, SPECQD_CPU_BF16_DOT="force")
+    if r.returncode in (-4, 132):  # SIGILL
+        pytest.skip("this CPU cannot execute vdpbf16ps")
+    assert r.returncode == 0, r.stderr
+    out = torch.load(path)
+    for (n, k), (y_all, y_single, x, w) in out.items():
+        assert torch.equal(y_all, y_single), (n, k)
+        assert torch.equal(y_all, kernels.bf16_linear(x, w)), (n, k)
+
+
+# --- the rest of the decode step: attention over the cache, RMSNorm, RoPE -------------------------
+
+
+def _sdpa(q, k, v, mask):
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("h,kvh,d", [(9, 3, 64), (4, 4, 16), (8, 1, 128)])
+def test_attention_matches_sdpa_and_is_identical_for_every_t(kernels, dtype, h, kvh, d):
+    g = gen(h * d)
+    s, t = 70, 9
+    k = torch.randn(2, kvh, s, d, generator=g).to(dtype)
+    v = torch.randn(2, kvh, s, d, generator=g).to(dtype)
+    q = torch.randn(2, h, t, d, generator=g).to(dtype)
+    mask = torch.tril(torch.ones(s, s, dtype=torch.bool))[torch.arange(40, 40 + t)]
+    mask[3, 5:20] = False  # holes, as a tree mask has
+    y = kernels.attention(q, k, v, mask)
+    assert y.dtype == dtype and y.shape == q.shape
+    # fp32: a few ulps of the outputs (|y| <= max |v|); bf16: the output rounding on top
+    tol = 2e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y.float(), _sdpa(q, k, v, mask), atol=tol, rtol=tol)
+    one_by_one = torch.cat(
+        [kernels.attention(q[:, :, i : i + 1], k, v, mask[i : i + 1]) for i in range(t)], 2
+    )
+    assert torch.equal(y, one_by_one)
+
+
+def test_attention_takes_strided_q_and_rejects_bad_shapes(kernels):
+    g = gen(1)
+    q = torch.randn(1, 5, 2, 32, generator=g).transpose(1, 2)  # [1, 2, 5, 32], as the model's view
+    k = v = torch.randn(1, 1, 8, 32, generator=g)
+    mask = torch.ones(5, 8, dtype=torch.bool)
+    torch.testing.assert_close(kernels.attention(q, k, v, mask), _sdpa(q, k, v, mask), atol=2e-6, rtol=2e-6)
+    with pytest.raises(RuntimeError, match="mask must be bool"):
+        kernels.attention(q, k, v, mask[:4])
+    with pytest.raises(RuntimeError, match="query heads"):
+        kernels.attention(torch.randn(1, 3, 5, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32), mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_and_rope_follow_the_model(kernels, dtype):
+    import model
+
+    g = gen(7)
+    norm = model.RMSNorm(576, 1e-5).to(dtype).requires_grad_(False)
+    norm.weight.copy_(1 + 0.1 * torch.randn(576, generator=g))
+    x = torch.randn(3, 5, 576, generator=g).to(dtype)
+    y = kernels.rms_norm(x, norm.weight, norm.eps)
+    xf = x.float()
+    ref = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype)
+    # only the sum of squares is added in another order (in double here): fp32 results within an ulp or two
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-6)
+    assert torch.equal(
+        torch.cat([kernels.rms_norm(x[:, i : i + 1], norm.weight, 1e-5) for i in range(5)], 1), y
+    )
+
+    freqs = model.rope_table(model.ModelArgs(dim=576, n_head=9, head_dim=64), 5)
+    q = torch.randn(1, 5, 9, 64, generator=g).to(dtype).transpose(1, 2)
+    x1, x2 = q.float().chunk(2, dim=-1)
+    cos, sin = freqs[..., 0], freqs[..., 1]
+    expected = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(dtype)
+    assert torch.equal(kernels.rope(q, freqs), expected)  # the same operations in the same order
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_smollm2_verification_forward_equals_single_steps(kernels, smollm2, dtype):
+    """The whole model on the CPU path: a forward over 8 tokens gives bit-identical logits to 8
+    one-token steps, for the bf16 target (our bf16 kernel) and for the MXFP4 draft in both dtypes.
+    The fp32 target is the exception: its linears are torch's GEMM, whose blocking depends on M."""
+    from checkpoint import build_model
+    from mxfp4 import quantize_model
+    from speculate import ModelLevel
+
+    model32, tok = smollm2
+    model = (
+        build_model(model32.config, model32.state_dict(), "cpu", dtype) if dtype != torch.float32 else model32
+    )
+    ids = torch.tensor(tok.encode("The quick brown fox jumps over the lazy dog and then", False))
+    cases = [("mxfp4", quantize_model(model))] + ([("target", model)] if dtype == torch.bfloat16 else [])
+    for name, m in cases:
+        level = ModelLevel(m, name)
+        level.reset(32)
+        level.forward(ids[:5], 0)
+        together = level.forward(ids[5:13], 5)
+        apart = torch.cat([level.forward(ids[i : i + 1], i) for i in range(5, 13)])
+        assert torch.equal(together, apart), f"{name} {dtype}: {(together - apart).abs().max():.3g}"
+
+
+@pytest.mark.slow
+def test_smollm2_bf16_greedy_speculation_equals_plain_decoding(kernels, smollm2):
+    """With verification logits bit-identical to one-token steps, greedy speculation must return the
+    bf16 target's own greedy tokens exactly, with no near-tie excuse: MXFP4 + tiny drafts, 40 tokens."""
+    from checkpoint import build_model
+    from generate import build_levels
+    from speculate import autoregressive_decode, speculative_decode
+
+    model32, tok = smollm2
+    target = build_model(model32.config, model32.state_dict(), "cpu", torch.bfloat16)
+    text = tok.apply_chat_template([{"role": "user", "content": "Name three rivers in Europe."}])
+    prompt = torch.tensor(tok.encode(text, bos=tok.add_bos))
+    levels = build_levels(target, tok, [("mxfp4", 3), ("tiny", 2)], torch.device("cpu"), torch.bfloat16)
+    plain, _ = autoregressive_decode(levels[0], prompt, 40)
+    fast, _ = speculative_decode(levels, prompt, 40, k=[3, 2])
+    assert fast.tolist() == plain.tolist()

@@ -26,16 +26,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from checkpoint import load_model  # noqa: E402
-from generate import build_levels  # noqa: E402
+from generate import build_levels, default_dtype  # noqa: E402
 from speculate import autoregressive_decode, speculative_decode  # noqa: E402
 
 CONFIGS = {  # name: drafts top-down as (kind, k)
     "AR": [],
     "SD tiny": [("tiny", 4)],
     "SD mxfp4": [("mxfp4", 4)],
+    "SD mxfp4 (head kept)": [("mxfp4", 4)],  # the draft keeps the output head in the run dtype
     "ML-SD mxfp4+tiny": [("mxfp4", 6), ("tiny", 3)],
     "ML-SD mxfp4+tiny+ngram": [("mxfp4", 6), ("tiny", 3), ("ngram", 2)],
 }
+HEAD_KEPT = {"SD mxfp4 (head kept)"}
 
 
 def load_prompts(n_per_category: int) -> list[dict]:
@@ -91,7 +93,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--dtype", default=None, help="default: generate.py's (bf16 on CUDA and AVX-512 CPUs)")
     p.add_argument(
         "--configs", default=",".join(CONFIGS), help="comma-separated names from: " + ", ".join(CONFIGS)
     )
@@ -102,9 +104,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=None, help="output prefix: writes PREFIX.json and PREFIX.md")
     a = p.parse_args(argv)
     device = torch.device(a.device)
-    dtype = (
-        getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    )
+    dtype = getattr(torch, a.dtype) if a.dtype else default_dtype(device)
     model, tok = load_model(a.checkpoint, device, dtype)
     prompts = []
     for row in load_prompts(a.prompts_per_category):
@@ -119,7 +119,7 @@ def main(argv=None):
     results, baseline_tokens = [], {}
     for name in names:
         drafts = CONFIGS[name]
-        levels = build_levels(model, tok, drafts, device, dtype)
+        levels = build_levels(model, tok, drafts, device, dtype, quantize_head=name not in HEAD_KEPT)
         level_names = [lv.name for lv in levels]
         warm = prompts[0][1]
         (autoregressive_decode(levels[0], warm, 4) if not drafts else

@@ -155,20 +155,26 @@ def main():
             print(f"M = {m} done", file=sys.stderr)
     load_after = os.getloadavg()
 
-    print(
+    report = []
+
+    def emit(text="", end="\n"):  # the table goes to stdout and, with --out, to a .md beside the JSON
+        report.append(text + end)
+        print(text, end=end)
+
+    emit(
         f"\n{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads; "
         f"load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
         f"kernels {cpu_kernels.info()}"
     )
-    print(
+    emit(
         f"median of {args.repeats} passes after {args.warmup}; "
         "ms per call (model: per pass of its 151 matrices)\n"
     )
     columns = ["shape", "M"] + [f"{i} ms (GB/s)" for i in impls]
     if "torch fp32" in impls:
         columns += [f"{i} vs torch fp32" for i in impls if i.startswith("ours")]
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
+    emit("| " + " | ".join(columns) + " |")
+    emit("|" + "---|" * len(columns))
     by = {(r["shape"], r["m"], r["impl"]): r for r in results}
     for name in rows:
         for m in ms:
@@ -176,13 +182,13 @@ def main():
             if "torch fp32" in impls:
                 base = by[(name, m, "torch fp32")]["ms"]
                 cells += [f"{base / by[(name, m, i)]['ms']:.2f}x" for i in impls if i.startswith("ours")]
-            print(f"| {name} | {m} | " + " | ".join(cells) + " |")
+            emit(f"| {name} | {m} | " + " | ".join(cells) + " |")
     for impl in impls:
         if 1 in ms and len(ms) > 1:
             base = by[("model", 1, impl)]["ms"]
             ratios = ", ".join(f"M={m} {by[('model', m, impl)]['ms'] / base:.2f}x" for m in ms if m != 1)
-            print(f"\n{impl}: model pass relative to M = 1: {ratios}", end="")
-    print()
+            emit(f"\n{impl}: model pass relative to M = 1: {ratios}", end="")
+    emit()
 
     if args.out:
         out = Path(args.out)
@@ -200,7 +206,8 @@ def main():
             "model_matrices": len(rows["model"]),
         }
         out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-        print(f"wrote {out}")
+        out.with_suffix(".md").write_text("".join(report).lstrip("\n"))
+        print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,57 @@
+"""The cost model of scripts/cost_model.py against closed forms (Leviathan et al. 2023)."""
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from scripts.cost_model import acceptance_from_mean_length, expected_speedup
+
+prob = st.floats(0.0, 0.999)
+ks = st.integers(1, 8)
+times = st.floats(1e-4, 1.0)
+
+
+@given(a=prob, k=ks, c=st.floats(0.0, 1.0))
+def test_one_level_is_leviathans_formula(a, k, c):
+    """Verification at the cost of a step, a draft at c of a step: (1 - a^(k+1)) / ((1 - a)(kc + 1))."""
+    expected = (1 - a ** (k + 1)) / ((1 - a) * (k * c + 1))
+    assert math.isclose(expected_speedup([1.0, c], [1.0], [a], [k]), expected, rel_tol=1e-12)
+
+
+@given(k=ks, t0=times, tv=times, t1=times)
+def test_acceptance_zero_and_one(k, t0, tv, t1):
+    assert math.isclose(expected_speedup([t0, t1], [tv], [0.0], [k]), t0 / (tv + k * t1), rel_tol=1e-12)
+    assert math.isclose(
+        expected_speedup([t0, t1], [tv], [1.0], [k]), t0 * (k + 1) / (tv + k * t1), rel_tol=1e-12
+    )
+
+
+@given(a=prob, k=ks, k1=ks, t0=times, tv=times, tv1=times)
+def test_a_perfect_free_inner_draft_makes_level_one_cost_its_verification_per_token(a, k, k1, t0, tv, tv1):
+    """Level 2 is free and always right: level 1 then costs tv1 / (k1 + 1) per token."""
+    two = expected_speedup([t0, 123.0, 0.0], [tv, tv1], [a, 1.0], [k, k1])
+    one = expected_speedup([t0, tv1 / (k1 + 1)], [tv], [a], [k])
+    assert math.isclose(two, one, rel_tol=1e-9)
+
+
+@given(a=prob, b=prob, k=ks, t=st.lists(times, min_size=3, max_size=3))
+def test_monotone_in_acceptance(a, b, k, t):
+    lo, hi = min(a, b), max(a, b)
+    s_lo = expected_speedup([t[0], t[1]], [t[2]], [lo], [k])
+    s_hi = expected_speedup([t[0], t[1]], [t[2]], [hi], [k])
+    assert s_lo <= s_hi * (1 + 1e-12)
+
+
+@given(a=st.floats(0.0, 0.99), k=ks)
+def test_acceptance_from_mean_length_inverts_the_round_length(a, k):
+    mean = (1 - a ** (k + 1)) / (1 - a)
+    assert math.isclose(acceptance_from_mean_length(mean, k), a, abs_tol=1e-6)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError):
+        acceptance_from_mean_length(5.5, 4)
+    with pytest.raises(ValueError):
+        expected_speedup([1.0, 0.5, 0.1], [1.0], [0.5], [4])

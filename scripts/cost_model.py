@@ -124,6 +124,7 @@ def check(record: dict, model, tok, device, dtype) -> list[dict]:
 
 def project(record: dict, target: str, tiny: str, device, dtype) -> list[dict]:
     """Latencies at real shapes (random weights), acceptance from the real model's record."""
+    from kernels import cpu as cpu_kernels
     from model import PRESETS, ModelArgs, Transformer
     from mxfp4 import quantize_model
     from speculate import ModelLevel, NgramProposer
@@ -131,12 +132,13 @@ def project(record: dict, target: str, tiny: str, device, dtype) -> list[dict]:
     def random_model(name):
         with torch.device(device):
             m = Transformer(ModelArgs(**PRESETS[name])).to(dtype)
+        cpu_kernels.use_bf16_kernel(m)  # as checkpoint.build_model does (a no-op off the CPU)
         return m.eval().requires_grad_(False)
 
     big = random_model(target)
     made = {
-        "mxfp4": lambda: ModelLevel(quantize_model(big), "mxfp4"),
-        "tiny": lambda: ModelLevel(random_model(tiny), "tiny"),
+        "mxfp4": lambda head: ModelLevel(quantize_model(big, quantize_output=head), "mxfp4"),
+        "tiny": lambda head: ModelLevel(random_model(tiny), "tiny"),
     }
     rows = []
     for r in record["results"]:
@@ -145,7 +147,8 @@ def project(record: dict, target: str, tiny: str, device, dtype) -> list[dict]:
             continue
         ks = [k for _, k in drafts]
         levels = [ModelLevel(big, "target")] + [
-            NgramProposer() if kind == "ngram" else made[kind]() for kind, _ in drafts
+            NgramProposer() if kind == "ngram" else made[kind]("head kept" not in r["config"])
+            for kind, _ in drafts
         ]
         step, verify = latencies(levels, ks)
         accept = measured_acceptance(r, ks)

@@ -62,6 +62,42 @@ def run_config(levels, drafts, prompts, max_new, temperature, seed):
     return per_prompt
 
 
+AGREEMENT_DRAFTS = {  # label: (kind, quantize the head)
+    "mxfp4": ("mxfp4", True),
+    "mxfp4 (head kept)": ("mxfp4", False),
+    "tiny": ("tiny", True),
+    "ngram": ("ngram", True),
+}
+
+
+@torch.no_grad()
+def draft_agreement(model, tok, prompts, greedy_tokens, device, dtype) -> dict:
+    """How often each draft alone picks the target's greedy token, teacher-forced along the target's
+    own greedy continuation of every prompt: the plainest measure of a draft (no k, no rounds).
+    A model draft reads prompt + continuation in one forward and its argmax at each position is
+    compared with the target's next token; ngram proposes one token from the tokens so far, and a
+    missing proposal counts as a miss."""
+    out = {}
+    for label, (kind, head) in AGREEMENT_DRAFTS.items():
+        level = build_levels(model, tok, [(kind, 1)], device, dtype, quantize_head=head)[1]
+        hits = total = 0
+        for row, ids in prompts:
+            cont = greedy_tokens[row["id"]]
+            seq = ids.tolist() + cont
+            n = len(ids)
+            if kind == "ngram":
+                guesses = [(level.propose(seq[:i], 1) or [-1])[0] for i in range(n, len(seq))]
+            else:
+                level.reset(len(seq))
+                logits = level.forward(torch.tensor(seq, device=device), 0)
+                guesses = logits[n - 1 : len(seq) - 1].argmax(-1).tolist()
+            hits += sum(g == t for g, t in zip(guesses, cont))
+            total += len(cont)
+        out[label] = hits / total if total else 0.0
+        print(f"draft alone picks the target's greedy token: {label:<18} {out[label]:.3f}", flush=True)
+    return out
+
+
 def summarise(per_prompt, names):
     """Aggregate over prompts: tokens/s from summed tokens and time, acceptance from summed counts."""
     tokens = sum(len(p["tokens"]) for p in per_prompt)
@@ -101,6 +137,9 @@ def main(argv=None):
     p.add_argument("--prompts-per-category", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-agreement", dest="agreement", action="store_false", help="skip the draft-alone agreement table"
+    )
     p.add_argument("--out", type=Path, default=None, help="output prefix: writes PREFIX.json and PREFIX.md")
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -141,6 +180,9 @@ def main(argv=None):
             print(f"{name:<26} T={t:<4} {row['all']['tokens_per_s']:7.1f} tok/s  {acc}  "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
         del levels
+    agreement = {}
+    if a.agreement and baseline_tokens:  # needs the greedy AR outputs (temperature 0 in the run)
+        agreement = draft_agreement(model, tok, prompts, baseline_tokens, device, dtype)
     for row in results:
         base = next(r for r in results if r["config"] == "AR" and r["temperature"] == row["temperature"])
         row["speedup"] = row["all"]["tokens_per_s"] / base["all"]["tokens_per_s"]
@@ -149,7 +191,7 @@ def main(argv=None):
                 row["by_category"][c]["tokens_per_s"] / base["by_category"][c]["tokens_per_s"]
             )
 
-    md = markdown(results, categories, device, dtype, a)
+    md = markdown(results, categories, device, dtype, a, agreement)
     print("\n" + md)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -158,13 +200,14 @@ def main(argv=None):
             gpu=torch.cuda.get_device_name() if device.type == "cuda" else None, device=str(device),
             dtype=str(dtype), model=str(a.checkpoint or "embedded SmolLM2-135M-Instruct"),
             settings=vars(a) | {"out": str(a.out)}, threads=torch.get_num_threads(), results=results,
+            draft_agreement=agreement,
         )  # fmt: skip
         a.out.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
         a.out.with_suffix(".md").write_text(md)
     return results
 
 
-def markdown(results, categories, device, dtype, a) -> str:
+def markdown(results, categories, device, dtype, a, agreement) -> str:
     lines = [
         f"Model: {a.checkpoint or 'embedded SmolLM2-135M-Instruct'}, {device}, {str(dtype)[6:]}, "
         f"{a.prompts_per_category} prompts x {len(categories)} categories, {a.max_new_tokens} new tokens, "
@@ -189,6 +232,10 @@ def markdown(results, categories, device, dtype, a) -> str:
     for r in results:
         cells = " | ".join(f"{r['by_category'][c]['speedup']:.2f}x" for c in categories)
         lines.append(f"| {r['config']} | {r['temperature']:g} | {cells} |")
+    if agreement:
+        lines += ["", "How often each draft alone picks the target's greedy token (teacher-forced along the "
+                  "target's greedy outputs above):", "", "| draft | agreement |", "|---|---:|"]  # fmt: skip
+        lines += [f"| {k} | {v:.3f} |" for k, v in agreement.items()]
     lines += [
         "",
         "Definitions: *acceptance rate* = drafted tokens the level above kept / drafted tokens. "

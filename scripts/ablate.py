@@ -82,7 +82,8 @@ def run_sweep(name, model, tok, prompts, a, device, dtype) -> dict:
         run_config(levels, p["drafts"], prompts[:1], 8, p["temperature"], a.seed)  # warm-up
         t0 = time.perf_counter()
         p["result"] = summarise(
-            run_config(levels, p["drafts"], prompts, a.max_new_tokens, p["temperature"], a.seed), names
+            run_config(levels, p["drafts"], prompts, a.max_new_tokens, p["temperature"], a.seed, p["label"]),
+            names,
         )
         p["speedup"] = p["result"]["tokens_per_s"] / baseline[p["temperature"]]["tokens_per_s"]
         acc = " ".join(f"{lv['acceptance_rate']:.2f}" for lv in p["result"]["levels"])

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -48,10 +49,11 @@ def load_prompts(n_per_category: int) -> list[dict]:
     return rows
 
 
-def run_config(levels, drafts, prompts, max_new, temperature, seed):
+def run_config(levels, drafts, prompts, max_new, temperature, seed, desc=None):
     """One configuration over all prompts: per-prompt outputs and per-category aggregates."""
     per_prompt = []
-    for i, (row, ids) in enumerate(prompts):
+    bar = tqdm(prompts, desc=desc, unit="prompt", leave=False, file=sys.stderr, disable=not desc)
+    for i, (row, ids) in enumerate(bar):
         g = torch.Generator(device=levels[0].device).manual_seed(seed + i)
         kw = dict(temperature=temperature, top_k=None, top_p=None, generator=g, stop_ids=row["stop_ids"])
         if not drafts:
@@ -165,7 +167,7 @@ def main(argv=None):
          speculative_decode(levels, warm, 8, k=[k for _, k in drafts]))  # fmt: skip
         for t in temps:
             t0 = time.perf_counter()
-            per_prompt = run_config(levels, drafts, prompts, a.max_new_tokens, t, a.seed)
+            per_prompt = run_config(levels, drafts, prompts, a.max_new_tokens, t, a.seed, f"{name} T={t:g}")
             row = dict(config=name, temperature=t, drafts=drafts, all=summarise(per_prompt, level_names))
             row["by_category"] = {
                 c: summarise([q for q in per_prompt if q["category"] == c], level_names) for c in categories

@@ -137,17 +137,26 @@ class Transformer(nn.Module):
         causal = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
         self.register_buffer("causal_mask", causal, persistent=False)
 
-    def forward(self, idx: Tensor, input_pos: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        """idx [B, T] token ids. input_pos [T] absolute positions (needs setup_caches).
+    def forward(
+        self,
+        idx: Tensor,
+        input_pos: Tensor | None = None,
+        mask: Tensor | None = None,
+        positions: Tensor | None = None,
+    ) -> Tensor:
+        """idx [B, T] token ids. input_pos [T]: the cache slots the tokens' keys/values go to (needs
+        setup_caches), which are also their positions unless `positions` says otherwise.
         mask: optional bool [T, max_seq_length] (or broadcastable to [B, H, T, S]) of which cache
-        slots each query may see; it replaces the causal mask (tree drafts need this)."""
+        slots each query may see; it replaces the causal mask.
+        positions: optional [T] RoPE positions. A token tree needs both: its nodes sit in distinct
+        scratch slots, but a node's position is its depth, and it sees only its ancestors."""
         x = self.tok_embeddings(idx)
         if input_pos is None:
             freqs = rope_table(self.config, idx.shape[1], idx.device)
         else:
             if self.max_seq_length < 0:
                 raise RuntimeError("call setup_caches() before a cached forward (input_pos given)")
-            freqs = self.freqs_cis[input_pos]
+            freqs = self.freqs_cis[input_pos if positions is None else positions]
             if mask is None:
                 mask = self.causal_mask[input_pos]
         for layer in self.layers:

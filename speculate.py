@@ -47,6 +47,24 @@ class ModelLevel:
         # Clone out of the CUDA graph's static output buffer before the next replay reuses it.
         return logits[0].float().clone() if self.compile else logits[0].float()
 
+    @torch.no_grad()
+    def forward_tree(self, tokens: Tensor, slots: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+        """A forward over tokens that need not form a sequence (a token tree): token t's key/value go to
+        cache slot slots[t], it is rotated as position positions[t], and it attends to the slots that
+        mask[t] (bool [T, max_seq_length]) allows. Returns float32 logits [T, vocab]."""
+        logits = self._forward(tokens.view(1, -1), slots, mask, positions)
+        return logits[0].float().clone() if self.compile else logits[0].float()
+
+    @torch.no_grad()
+    def move_kv(self, src: Tensor, dst: Tensor):
+        """Copy the cached keys/values of slots src to slots dst in every layer: after a tree round the
+        accepted path moves from its scratch slots to the positions sequential decoding would use.
+        The gather happens before the scatter, so overlapping ranges are safe."""
+        for module in self.model.modules():
+            if hasattr(module, "k_cache") and hasattr(module, "v_cache"):
+                module.k_cache[:, :, dst] = module.k_cache[:, :, src]
+                module.v_cache[:, :, dst] = module.v_cache[:, :, src]
+
 
 @dataclass
 class DecodeStats:
@@ -173,6 +191,25 @@ def residual(p: Tensor, q: Tensor) -> Tensor:
     return torch.where(total > RESIDUAL_EPS, r / total.clamp(min=RESIDUAL_EPS), p)
 
 
+def candidate_acceptance(mass: list[float], total: float = 1.0) -> list[float]:
+    """Deterministic candidates x1, x2, ... with p(x_j) = mass[j] (p sums to total): [j] is the chance
+    of accepting x_j once x1..x_{j-1} have been rejected and removed from p, p(x_j) / (total - p(x1) -
+    ... - p(x_{j-1})). Tried in order, x_j is then the output with probability exactly p(x_j)."""
+    out, left = [], total
+    for pc in mass:
+        out.append(min(1.0, pc / left) if left > 0 else 1.0)
+        left -= pc
+    return out
+
+
+def candidate_residual(p: Tensor, candidates: Tensor) -> Tensor:
+    """What to sample after every candidate was rejected: p without them, renormalised. If they held
+    all of p's mass (within rounding) that happens with probability ~0, and any draw from p will do."""
+    rest = p.index_fill(-1, candidates, 0.0)
+    total = rest.sum(-1, keepdim=True)
+    return rest / total if float(total) > RESIDUAL_EPS else p
+
+
 class NgramProposer:
     """Prompt-lookup decoding as a model-free last level: find the most recent earlier occurrence of the
     last n tokens (the longest n first, down to min_n) and propose the tokens that followed it.
@@ -201,6 +238,91 @@ class NgramProposer:
                     return tokens[start + n : start + n + k]
         return []
 
+    def propose_tree(self, tokens: list[int], depth: int, nodes: int) -> "Tree":
+        """Every earlier occurrence of the tail, not only the most recent: each one's continuation (up
+        to `depth` tokens) is a path, merged into a trie of at most `nodes` nodes. Longest tails first,
+        then the most recent occurrences; a node's children are tried in that order."""
+        L = len(tokens)
+        tree = Tree([], [])
+        index: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+        for n in range(min(self.n, L - 1), self.min_n - 1, -1):
+            tail = tokens[L - n :]
+            for start in range(L - n - 1, -1, -1):
+                if tokens[start : start + n] != tail:
+                    continue
+                parent = -1
+                for x in tokens[start + n : start + n + depth]:
+                    if (parent, x) not in index:
+                        if len(tree) == nodes:
+                            return tree
+                        index[parent, x] = tree.add(x, parent)
+                    parent = index[parent, x]
+        return tree
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """How a level drafts a token tree instead of a sequence (EAGLE-2's dynamic trees). Its depth is
+    the level's k, as for a sequence: the most tokens one round can accept.
+
+    nodes: the tree's size after the final rerank (what the level above verifies in one forward).
+    topk: children per expanded node, and nodes expanded per depth (EAGLE-2 uses one number for both).
+    """
+
+    nodes: int = 30
+    topk: int = 10
+
+    def __post_init__(self):
+        if self.nodes < 1 or self.topk < 1:
+            raise ValueError(f"a tree needs nodes >= 1 and topk >= 1, got {self}")
+
+
+class Tree:
+    """A draft tree over a context buf[:L]. Node n holds token tokens[n] and hangs under parents[n]
+    (-1: under the root, which is the context's last token buf[L-1]). Parents come before their
+    children, and a node's children are distinct tokens in the order the verifier tries them."""
+
+    def __init__(self, tokens: list[int], parents: list[int]):
+        self.tokens, self.parents, self.depth = [], [], []
+        self.children: dict[int, list[int]] = {-1: []}
+        for x, parent in zip(tokens, parents):
+            self.add(x, parent)
+
+    def add(self, token: int, parent: int) -> int:
+        if not -1 <= parent < len(self.tokens):
+            raise ValueError(f"node {len(self.tokens)}: parent {parent} must be an earlier node or -1")
+        if any(self.tokens[c] == token for c in self.children[parent]):
+            raise ValueError(f"token {token} is already a child of node {parent}")
+        n = len(self.tokens)
+        self.tokens.append(int(token))
+        self.parents.append(parent)
+        self.depth.append(1 if parent < 0 else self.depth[parent] + 1)
+        self.children[parent].append(n)
+        self.children[n] = []
+        return n
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def path(self, n: int) -> list[int]:
+        """The nodes from the root's child down to n."""
+        out = []
+        while n >= 0:
+            out.append(n)
+            n = self.parents[n]
+        return out[::-1]
+
+
+def tree_mask(S: int, start: int, L: int, node_slots: list[int], visible: list[list[int]]) -> Tensor:
+    """The attention mask [T, S] of a forward that feeds the context tokens at slots start..L-1 (each
+    sees the slots up to its own) and then tree nodes at node_slots, node t seeing the context buf[:L]
+    and the slots visible[t] (its ancestors' and its own)."""
+    rows = torch.arange(start, L)[:, None] >= torch.arange(S)[None, :]
+    nodes = (torch.arange(S) < L).repeat(len(node_slots), 1)
+    for t, slots in enumerate(visible):
+        nodes[t, slots] = True
+    return torch.cat([rows, nodes])
+
 
 def is_proposer(level) -> bool:
     """Model levels return logits (`forward`); model-free proposers return tokens (`propose`)."""
@@ -223,6 +345,10 @@ class LevelStats:
         (for a proposer: `propose` calls and tokens proposed).
     forward_time: seconds in this level's own forwards; None on CUDA unless profiling (timing a GPU
         forward needs a sync, which we do not add by default).
+    time_by_tokens[T]: [forwards, seconds] of this level's forwards over T tokens (when timed): the
+        cost of verifying a sequence or a tree of each size.
+    Tree drafts (a TreeShape for this level): `proposed` counts each tree's depth (the most one round
+    could accept) and tree_nodes its size, so tree_nodes / rounds is the mean tree verified.
     A stop id inside a round ends the output there; the stats still count that round as verified.
     """
 
@@ -237,6 +363,12 @@ class LevelStats:
     forwards: int = 0
     tokens_fed: int = 0
     forward_time: float | None = 0.0
+    time_by_tokens: dict = field(default_factory=dict)
+    tree_nodes: int = 0
+
+    @property
+    def mean_tree_nodes(self) -> float:
+        return self.tree_nodes / self.rounds if self.rounds else 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -291,13 +423,46 @@ def format_stats(stats: SpecStats) -> str:
         )
     for i, s in enumerate(stats.levels[1:], start=1):
         pos = " ".join(f"{a:.2f}" for a in s.acceptance_by_position)
-        lines.append(f"acceptance by position, level {i} {s.name}: {pos or '-'}")
+        what = "depth" if s.tree_nodes else "position"
+        lines.append(f"acceptance by {what}, level {i} {s.name}: {pos or '-'}")
+        if s.tree_nodes:
+            lines.append(f"mean tree verified, level {i} {s.name}: {s.mean_tree_nodes:.1f} nodes")
+    for i, s in enumerate(stats.levels):
+        if len(s.time_by_tokens) > 1:
+            ms = " ".join(f"{t}:{1e3 * sec / n:.1f}" for t, (n, sec) in sorted(s.time_by_tokens.items()))
+            lines.append(f"ms per forward by tokens fed, level {i} {s.name}: {ms}")
     return "\n".join(lines)
 
 
 def _context(level) -> int | None:
     model = getattr(level, "model", None)
     return model.config.block_size if model is not None else None
+
+
+def _check_trees(levels, trees) -> list:
+    """trees: None, or one entry per draft level (None for a sequence draft, a TreeShape for a tree)."""
+    n = len(levels) - 1
+    if trees is None:
+        return [None] * n
+    trees = list(trees)
+    if len(trees) != n:
+        raise ValueError(f"trees has {len(trees)} entries but there are {n} draft levels")
+    for i, shape in enumerate(trees, start=1):
+        if shape is None:
+            continue
+        if not isinstance(shape, TreeShape):
+            raise ValueError(f"trees[{i - 1}] must be None or a TreeShape, got {shape!r}")
+        level, above = levels[i], levels[i - 1]
+        if is_proposer(level) and not hasattr(level, "propose_tree"):
+            raise ValueError(f"level {i} ({level.name}) cannot propose trees (no propose_tree)")
+        if not is_proposer(level) and i < n:
+            raise ValueError(
+                f"level {i} ({level.name}) drafts trees with its own forwards, so it must be the last "
+                "level: a tree cannot itself be verified by the level below it"
+            )
+        if not hasattr(above, "forward_tree"):
+            raise ValueError(f"level {i - 1} ({above.name}) cannot verify trees (no forward_tree)")
+    return trees
 
 
 def _check_levels(levels, k, temperature, top_k, top_p) -> list[int]:
@@ -367,8 +532,10 @@ class Speculation:
         generator=None,
         adaptive=False,
         profile=False,
+        trees=None,
     ):
         self.k = [None] + _check_levels(levels, k, temperature, top_k, top_p)
+        self.trees = [None] + _check_trees(levels, trees)
         self.levels = levels
         self.k_max = [None] + [2 * x for x in self.k[1:]]
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
@@ -405,9 +572,7 @@ class Speculation:
             tokens = tokens.clamp(max=level.vocab_size - 1)
         t0 = self._tick()
         out = level.forward(tokens, s)
-        self._tock(i, t0)
-        self.stats[i].forwards += 1
-        self.stats[i].tokens_fed += end - s
+        self._tock(i, t0, end - s)
         self.seen[i] = end
         # Compare on the target's ids: drop a draft's extra padding rows.
         return out[start - s :, : self.vocab]
@@ -423,10 +588,17 @@ class Speculation:
         _sync(self.device)
         return time.perf_counter()
 
-    def _tock(self, i, t0):
+    def _tock(self, i, t0, tokens):
+        """Close the timing of one forward of level i over `tokens` tokens, and count it."""
+        s = self.stats[i]
+        s.forwards += 1
+        s.tokens_fed += tokens
         if self.timed:
             _sync(self.device)
-            self.stats[i].forward_time += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            s.forward_time += dt
+            n, sec = s.time_by_tokens.get(tokens, (0, 0.0))
+            s.time_by_tokens[tokens] = (n + 1, sec + dt)
 
     # -- the recursion ------------------------------------------------------------------------------
 
@@ -439,10 +611,8 @@ class Speculation:
             host = self.host[j][: self.seen[j]] + self.buf[self.seen[j] : L].tolist()
             t0 = self._tick()
             tokens = level.propose(host, m)[:m]
-            self._tock(j, t0)
+            self._tock(j, t0, len(tokens))
             self.host[j], self.seen[j] = host, L
-            self.stats[j].forwards += 1
-            self.stats[j].tokens_fed += len(tokens)
             if not tokens:
                 return 0, None
             x = torch.tensor(tokens, dtype=torch.long, device=self.device)
@@ -465,6 +635,8 @@ class Speculation:
         forward, keeps the first a of them and adds one token of its own (correction or bonus; with
         nothing proposed, a plain step). Writes buf[L:L+a+1] and returns a and, when sampling, level i's
         distributions at those a+1 positions: the q that level i-1 checks them against."""
+        if m > 0 and self.trees[i + 1] is not None:
+            return self.tree_round(i, L, m)
         q = None
         if m > 0:
             m, q = self.propose(i + 1, L, m)  # may be fewer than asked (an n-gram lookup)
@@ -488,6 +660,161 @@ class Speculation:
         self.write(L + a, nxt.view(1))
         self._record(i, m, a)
         return a, None if p is None else p[: a + 1]
+
+    # -- trees ------------------------------------------------------------------------------------
+    #
+    # A tree round: level i+1 drafts a token tree after buf[:L] (draft_tree), level i runs one forward
+    # over all its nodes with a tree mask (tree_logits), walks down from the root accepting one child
+    # per depth (greedy: the child equal to its argmax; sampling: the children as deterministic
+    # candidates, below), then moves the accepted path's keys/values from the scratch slots L, L+1, ...
+    # where the nodes were computed to the slots sequential decoding would have used. Level i's cache
+    # is then what a sequential run writes, and the round hands up a sequence like any other round,
+    # so a tree link can sit anywhere in a stack (SpecMQuant: target < intermediate < tree drafter).
+
+    def tree_round(self, i: int, L: int, m: int) -> tuple[int, Tensor | None]:
+        """round() when level i+1 drafts trees: depth at most m, so it never overshoots either."""
+        nodes = min(self.trees[i + 1].nodes, self._room(i, L))
+        tree = self.draft_tree(i + 1, L, m, nodes) if nodes > 0 else Tree([], [])
+        if not len(tree):  # e.g. no n-gram match: a plain step
+            return self.round(i, L, 0)
+        logits = self.tree_logits(i, L, tree)  # row 0: the root (position L-1); row 1 + n: node n
+        p = None if self.temperature == 0 else self.probs(logits)
+        path, nxt = self._walk_greedy(tree, logits) if p is None else self._walk_sampled(tree, p)
+        a = len(path)
+        self.write(L, torch.tensor([tree.tokens[n] for n in path] + [nxt], device=self.device))
+        if a:
+            src = torch.tensor(path, device=self.device) + L
+            self.levels[i].move_kv(src, torch.arange(L, L + a, device=self.device))
+        self.seen[i] = L + a  # the path's keys/values now sit at L..L+a-1, as a sequence's would
+        self._record(i, max(tree.depth), a)
+        self.stats[i + 1].tree_nodes += len(tree)
+        return a, None if p is None else p[[0] + [1 + n for n in path]]
+
+    def tree_logits(self, i: int, L: int, tree: Tree) -> Tensor:
+        """Level i's logits at the root (position L-1) and at every node of the tree, given buf[:L]: one
+        forward that first feeds the context level i has not seen, then the nodes at scratch slots
+        L + n, each rotated as position L - 1 + depth and seeing the context and its own path."""
+        level, s, N = self.levels[i], self.seen[i], len(tree)
+        assert s <= L - 1, f"cache bookkeeping: level {i} has seen {s} positions, asked from {L - 1}"
+        node_slots = [L + n for n in range(N)]
+        visible = [[L + a for a in tree.path(n)] for n in range(N)]
+        mask = tree_mask(level.max_seq_length, s, L, node_slots, visible).to(self.device)
+        tokens = torch.cat([self.buf[s:L], torch.tensor(tree.tokens, device=self.device)])
+        if level.vocab_size < self.vocab:
+            tokens = tokens.clamp(max=level.vocab_size - 1)
+        slots = torch.tensor(list(range(s, L)) + node_slots, device=self.device)
+        positions = torch.tensor(list(range(s, L)) + [L - 1 + d for d in tree.depth], device=self.device)
+        t0 = self._tick()
+        out = level.forward_tree(tokens, slots, positions, mask)
+        self._tock(i, t0, tokens.numel())
+        self.seen[i] = L  # the scratch slots hold nodes, not the sequence
+        return out[L - 1 - s :, : self.vocab]
+
+    def _walk_greedy(self, tree: Tree, logits: Tensor) -> tuple[list[int], int]:
+        """Follow the verifier's argmax down the tree: the accepted path and the token after it."""
+        best = sampling.greedy(logits).tolist()
+        path, node = [], -1
+        while True:
+            b = best[node + 1]
+            child = next((c for c in tree.children[node] if tree.tokens[c] == b), None)
+            if child is None:
+                return path, b
+            path.append(child)
+            node = child
+
+    def _walk_sampled(self, tree: Tree, p: Tensor) -> tuple[list[int], int]:
+        """Exact sampling from the verifier's p down the tree. At a node with children x1, x2, ...
+        (deterministic candidates: fixed before the verifier's randomness), accept x1 with probability
+        p(x1); if rejected, remove it (p(x1) = 0, renormalise) and accept x2 with its new probability
+        p(x2) / (1 - p(x1)), and so on; if all are rejected, sample the renormalised rest. Each x_j thus
+        comes out with probability exactly p(x_j) and every other token with p(x), whatever the drafts
+        were: the output is a draw from p at every depth."""
+        path, node = [], -1
+        while True:
+            row, kids = p[node + 1], tree.children[node]
+            if not kids:
+                return path, int(sampling.sample(row, self.generator))
+            cand = torch.tensor([tree.tokens[c] for c in kids], device=self.device)
+            accept = candidate_acceptance(row[cand].double().tolist(), float(row.double().sum()))
+            u = torch.rand(len(kids), generator=self.generator, device=self.device).tolist()
+            child = next((c for c, a, uc in zip(kids, accept, u) if uc < a), None)
+            if child is None:
+                return path, int(sampling.sample(candidate_residual(row, cand), self.generator))
+            path.append(child)
+            node = child
+
+    def draft_tree(self, j: int, L: int, depth: int, nodes: int) -> Tree:
+        """Level j's tree after buf[:L], at most `depth` deep and `nodes` big. A proposer builds it from
+        the sequence; a model grows it as EAGLE-2 does: score every candidate by its cumulative draft
+        log-probability, expand the topk best new nodes of each depth with their topk children (one
+        forward per depth, the expanded nodes in scratch slots with a tree mask), then keep the best
+        `nodes` candidates of all depths. A child never outscores its parent, so the kept set is a tree."""
+        level, shape = self.levels[j], self.trees[j]
+        if is_proposer(level):
+            host = self.host[j][: self.seen[j]] + self.buf[self.seen[j] : L].tolist()
+            t0 = self._tick()
+            tree = level.propose_tree(host, depth, nodes)
+            self._tock(j, t0, len(tree))
+            self.host[j], self.seen[j] = host, L
+            return tree
+        tokens, parents, scores, depths = [], [], [], []  # every candidate of every depth
+        slot = {}  # expanded candidate -> the scratch slot holding its key/value
+
+        def expand(logits: Tensor, frontier: list[int], d: int) -> list[int]:
+            # Each frontier node's topk children become candidates; the topk best of them are the
+            # next frontier. Zero-probability children (outside a draft's vocabulary subset, or cut
+            # by top-k/top-p when sampling) are not candidates.
+            lp = torch.log_softmax(logits, -1) if self.temperature == 0 else self.probs(logits).log()
+            values, ids = lp.topk(min(shape.topk, lp.shape[-1]), dim=-1)
+            new = []
+            for f, vals, xs in zip(frontier, values.tolist(), ids.tolist()):
+                base = scores[f] if f >= 0 else 0.0
+                for v, x in zip(vals, xs):
+                    if v == float("-inf"):
+                        break
+                    new.append(len(tokens))
+                    tokens.append(x)
+                    parents.append(f)
+                    scores.append(base + min(v, 0.0))  # log p <= 0 up to rounding: never above the parent
+                    depths.append(d)
+            return sorted(new, key=lambda c: -scores[c])[: shape.topk]
+
+        frontier = expand(self.logits(j, L - 1, L), [-1], 1)
+        for d in range(2, depth + 1):
+            frontier = frontier[: max(0, self._room(j, L) - len(slot))]
+            if not frontier:
+                break
+            for c in frontier:
+                slot[c] = L + len(slot)
+            visible = []
+            for c in frontier:
+                chain, a = [], c
+                while a >= 0:
+                    chain.append(slot[a])
+                    a = parents[a]
+                visible.append(chain)
+            node_slots = [slot[c] for c in frontier]
+            mask = tree_mask(level.max_seq_length, L, L, node_slots, visible).to(self.device)
+            x = torch.tensor([tokens[c] for c in frontier], device=self.device)
+            pos = torch.full((len(frontier),), L + d - 2, device=self.device)  # depth d-1: L-1+(d-1)
+            t0 = self._tick()
+            logits = level.forward_tree(x, torch.tensor(node_slots, device=self.device), pos, mask)
+            self._tock(j, t0, len(frontier))
+            frontier = expand(logits[:, : self.vocab], frontier, d)
+        # The rerank: best score first, a parent before its children on equal scores.
+        keep = sorted(range(len(tokens)), key=lambda c: (-scores[c], depths[c], c))[:nodes]
+        # Breadth-first order (parents first); siblings stay best first, the order they are tried in.
+        keep.sort(key=lambda c: (depths[c], -scores[c], c))
+        index, tree = {-1: -1}, Tree([], [])
+        for c in keep:
+            if parents[c] in index:  # always true (see the docstring), kept as a guard
+                index[c] = tree.add(tokens[c], index[parents[c]])
+        return tree
+
+    def _room(self, i: int, L: int) -> int:
+        """Scratch slots level i's cache has from position L on."""
+        size = getattr(self.levels[i], "max_seq_length", None)
+        return size - L if size is not None else 1 << 30
 
     def _count_accepted(self, ok: Tensor) -> int:
         # Length of the leading run of accepted drafts: the one host sync of a verification round.
@@ -515,6 +842,17 @@ class Speculation:
             else:
                 self.k[i + 1] = max(self.k[i + 1] - 1, 1)
 
+    def _cache_size(self, i: int, limit: int) -> int:
+        """Positions level i's cache needs: the sequence, plus scratch slots for the trees it verifies
+        (their nodes) or drafts (the nodes it expands), within its context."""
+        slack = 0
+        if i + 1 < len(self.levels) and self.trees[i + 1] is not None:
+            slack = self.trees[i + 1].nodes
+        if self.trees[i] is not None and not is_proposer(self.levels[i]):
+            slack = max(slack, (self.k_max[i] - 1) * self.trees[i].topk)
+        context = _context(self.levels[i])
+        return limit + slack if context is None else min(limit + slack, context)
+
     @torch.no_grad()
     def generate(
         self, prompt: Tensor, max_new_tokens: int, stop_ids=(), on_token=None
@@ -536,7 +874,7 @@ class Speculation:
         self.buf[:P] = prompt
         self.seen = [0] * len(self.levels)
         for i, level in enumerate(self.levels):
-            level.reset(limit)
+            level.reset(self._cache_size(i, limit))
             if P > 1 and not is_proposer(level):
                 self.logits(i, P - 2, P - 1)  # prefill: every level sees the prompt but its last token
 
@@ -576,6 +914,7 @@ def speculative_decode(
     on_token=None,
     adaptive: bool = False,
     profile: bool = False,
+    trees: list | None = None,
 ) -> tuple[Tensor, SpecStats]:
     """Multi-level speculative decoding. levels[0] is the target; levels[i] proposes k[i-1] tokens per
     round to levels[i-1] (k may be one int for all), producing them by speculative decoding against
@@ -587,10 +926,15 @@ def speculative_decode(
     output is distributed exactly as sampling from the target with this temperature/top_k/top_p.
     adaptive: per level, k grows by 1 after a fully accepted round (up to twice the initial k) and
     shrinks by 1 after a rejection (down to 1). profile: sync around forwards on CUDA to time them.
+    trees: one entry per draft level, None (it drafts sequences) or a TreeShape (it drafts token trees
+    k deep, which the level above verifies in one forward; see Speculation.tree_round). A model that
+    drafts trees must be the last level; the levels above it may be anything. The SpecMQuant stack is
+    levels=[target, intermediate, drafter], trees=[None, TreeShape(...)]; EAGLE-2 is [target, drafter],
+    trees=[TreeShape(...)].
 
     A level asked for m tokens asks the level below for at most m - 1 per round (its own correction or
     bonus makes the m-th), so nothing is ever drafted past what is needed: with k[i-1] = 1 level i
     takes plain steps and the levels below it are not used.
     Returns the new ids (1-D, ending at the first stop id if one is produced) and SpecStats."""
-    run = Speculation(levels, k, temperature, top_k, top_p, generator, adaptive, profile)
+    run = Speculation(levels, k, temperature, top_k, top_p, generator, adaptive, profile, trees)
     return run.generate(prompt, max_new_tokens, stop_ids, on_token)

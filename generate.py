@@ -4,10 +4,15 @@
     python generate.py --checkpoint PATH --device cuda       # a GGUF, HF folder or converted .pth
     python generate.py --draft mxfp4 --draft2 tiny --chat    # ML-SpecQD: 3 levels
     python generate.py --levels mxfp4:6,tiny:3,ngram:2       # any stack, draft:k from the top down
+    python generate.py --draft mxfp4 --draft2 tiny --tree2   # SpecMQuant: tiny drafts trees for mxfp4
+    python generate.py --draft tiny --tree --tree-nodes 16   # EAGLE-2 style: the target verifies trees
+    python generate.py --target-quant int4 --draft tiny      # a 4-bit target (drafts measured against it)
 
-A draft is `mxfp4` (the level above direct-cast to MXFP4), `tiny` (the distilled student of the
-embedded model), `ngram` (prompt lookup, last level only), a checkpoint path, or `none`.
-No decoding logic lives here: that is speculate.py's job.
+A draft is `mxfp4` or `int4` (the level above, before any --target-quant, cast to that format), `tiny`
+(the distilled student of the embedded model), `ngram` (prompt lookup, last level only), a checkpoint
+path, or `none`; `KIND@mxfp4` / `KIND@int4` casts that draft itself (e.g. `tiny@mxfp4`). In --levels an
+entry kind:k:tree makes that level draft token trees k deep (--tree-nodes, --tree-topk), as --tree and
+--tree2 do for --draft and --draft2. No decoding logic lives here: that is speculate.py's job.
 """
 
 import argparse
@@ -18,7 +23,14 @@ import torch
 from checkpoint import CheckpointError, load_model
 from kernels import cpu as cpu_kernels
 from model import weight_bytes
-from speculate import ModelLevel, NgramProposer, autoregressive_decode, format_stats, speculative_decode
+from speculate import (
+    ModelLevel,
+    NgramProposer,
+    TreeShape,
+    autoregressive_decode,
+    format_stats,
+    speculative_decode,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,7 +64,22 @@ def parse_args(argv=None):
     p.add_argument("--draft2", default="none", help="level 2 (drafts for level 1): same choices")
     p.add_argument("--k", type=int, default=6, help="tokens level 1 proposes per round")
     p.add_argument("--k2", type=int, default=3, help="tokens level 2 proposes per round")
-    p.add_argument("--levels", default=None, help="drafts top-down as kind:k,... (overrides --draft/--k)")
+    p.add_argument(
+        "--levels", default=None, help="drafts top-down as kind:k[:tree],... (overrides --draft/--k/--tree)"
+    )
+    p.add_argument("--tree", action="store_true", help="level 1 drafts token trees, --k deep")
+    p.add_argument("--tree2", action="store_true", help="level 2 drafts token trees, --k2 deep")
+    p.add_argument("--tree-nodes", type=int, default=30, help="nodes per tree the level above verifies")
+    p.add_argument("--tree-topk", type=int, default=10, help="children per expanded node (EAGLE-2 top-k)")
+    p.add_argument(
+        "--tree-depth", type=int, default=None, help="depth of every tree level (default: that level's k)"
+    )
+    p.add_argument(
+        "--target-quant",
+        default="none",
+        choices=["none", "mxfp4", "int4"],
+        help="run the target itself quantized (its own outputs are then what speculation keeps)",
+    )
     p.add_argument("--adaptive", action="store_true", help="grow/shrink k per level (ablations)")
     p.add_argument(
         "--quantize-head",
@@ -62,7 +89,7 @@ def parse_args(argv=None):
     )
     args = p.parse_args(argv)
     try:
-        args.drafts = parse_levels(args)
+        args.drafts, args.trees = parse_levels(args)
     except ValueError as e:
         p.error(str(e))
     if args.temperature < 0:
@@ -76,23 +103,32 @@ def parse_args(argv=None):
     return args
 
 
-def parse_levels(args) -> list[tuple[str, int]]:
-    """[(kind, k), ...] for the draft levels, top-down."""
+def parse_levels(args) -> tuple[list[tuple[str, int]], list]:
+    """[(kind, k), ...] for the draft levels, top-down, and for each a TreeShape or None."""
     if args.levels:
-        drafts = []
+        drafts, tree = [], []
         for item in args.levels.split(","):
-            kind, _, k = item.strip().rpartition(":")
+            item = item.strip()
+            is_tree = item.endswith(":tree")
+            kind, _, k = item.removesuffix(":tree").rpartition(":")
             if not kind or not k.lstrip("-").isdigit():
-                raise ValueError(f"--levels entries are kind:k, got {item!r}")
+                raise ValueError(f"--levels entries are kind:k or kind:k:tree, got {item!r}")
             drafts.append((kind, int(k)))
+            tree.append(is_tree)
     else:
-        drafts = [(args.draft, args.k), (args.draft2, args.k2)]
+        drafts, tree = [(args.draft, args.k), (args.draft2, args.k2)], [args.tree, args.tree2]
         if drafts[0][0] == "none":
             if drafts[1][0] != "none":
                 raise ValueError("--draft2 needs a --draft above it")
             drafts = []
         elif drafts[1][0] == "none":
             drafts = drafts[:1]
+        if any(tree[len(drafts) :]):
+            raise ValueError("--tree/--tree2 need a draft at that level")
+        tree = tree[: len(drafts)]
+    if args.tree_depth is not None:
+        drafts = [(kind, args.tree_depth if t else k) for (kind, k), t in zip(drafts, tree)]
+    shape = TreeShape(args.tree_nodes, args.tree_topk)  # ValueError for sizes < 1
     for kind, k in drafts:
         if k < 1:
             raise ValueError(f"k must be >= 1 for every draft, got {k} for {kind}")
@@ -100,7 +136,9 @@ def parse_levels(args) -> list[tuple[str, int]]:
             raise ValueError("'none' cannot sit between two drafts")
     if any(kind == "ngram" for kind, _ in drafts[:-1]):
         raise ValueError("ngram can only be the last level: nothing below it can speed it up")
-    return drafts
+    if any(tree[:-1]):
+        raise ValueError("only the last draft level can draft trees (a tree is verified by the level above)")
+    return drafts, [shape if t else None for t in tree]
 
 
 def check_same_tokenizer(target_tok, draft_tok, name):
@@ -114,19 +152,42 @@ def check_same_tokenizer(target_tok, draft_tok, name):
         )
 
 
-def build_levels(target, tokenizer, drafts, device, dtype, quantize_head=True, compile=None):
-    """ModelLevels (and proposers) for [target, *drafts], top-down. `mxfp4` casts the model of the
-    level above it; `tiny` is the distilled student of the embedded SmolLM2."""
-    levels = [ModelLevel(target, "target", compile=compile)]
+QUANTS = ("mxfp4", "int4")
+
+
+def cast(model, quant: str, quantize_head: bool = True):
+    """A copy of `model` with its linear weights direct-cast to `quant` (embeddings and norms shared)."""
+    if quant == "mxfp4":
+        from mxfp4 import quantize_model
+    elif quant == "int4":
+        from int4 import quantize_model
+    else:
+        raise ValueError(f"unknown weight format {quant!r}; known: {', '.join(QUANTS)}")
+    return quantize_model(model, quantize_output=quantize_head)
+
+
+def build_levels(
+    target, tokenizer, drafts, device, dtype, quantize_head=True, compile=None, target_quant="none"
+):
+    """ModelLevels (and proposers) for [target, *drafts], top-down. `mxfp4` / `int4` cast the model of
+    the level above it (the unquantized one: a draft of an int4 target is cast from the original
+    weights, not from the int4 copy); `tiny` is the distilled student of the embedded SmolLM2;
+    `KIND@QUANT` casts that draft. target_quant casts the target itself (its head too: a 4-bit target
+    quantizes everything, as GPTQ checkpoints do not, but then every level agrees on the format)."""
+    top = target if target_quant == "none" else cast(target, target_quant)
+    name = "target" if target_quant == "none" else f"target({target_quant})"
+    levels, plain = [ModelLevel(top, name, compile=compile)], [target]
     for kind, _ in drafts:
-        above = getattr(levels[-1], "model", None)
         if kind == "ngram":
             levels.append(NgramProposer())
+            plain.append(None)
             continue
-        if kind == "mxfp4":
-            from mxfp4 import quantize_model
-
-            model, name = quantize_model(above, quantize_output=quantize_head), f"mxfp4({levels[-1].name})"
+        kind, _, quant = kind.partition("@")
+        if kind in QUANTS:
+            if plain[-1] is None:
+                raise ValueError(f"{kind} casts the level above it, which must be a model")
+            model = cast(plain[-1], kind, quantize_head)
+            name = f"{kind}({levels[-1].name.removesuffix(f'({target_quant})')})"
         elif kind == "tiny":
             from tiny import load_tiny
 
@@ -135,6 +196,9 @@ def build_levels(target, tokenizer, drafts, device, dtype, quantize_head=True, c
             model, draft_tok = load_model(kind, device, dtype)
             check_same_tokenizer(tokenizer, draft_tok, kind)
             name = kind.rstrip("/").rsplit("/", 1)[-1]
+        plain.append(model)
+        if quant:
+            model, name = cast(model, quant, quantize_head), f"{name}@{quant}"
         levels.append(ModelLevel(model, name, compile=compile))
     return levels
 
@@ -166,7 +230,9 @@ def main(argv=None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
     prompt = torch.tensor(tokenizer.encode(text, bos=tokenizer.add_bos), dtype=torch.long)
     try:
-        levels = build_levels(model, tokenizer, args.drafts, device, dtype, args.quantize_head, args.compile)
+        levels = build_levels(
+            model, tokenizer, args.drafts, device, dtype, args.quantize_head, args.compile, args.target_quant
+        )
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -196,7 +262,7 @@ def main(argv=None):
             ks = [k for _, k in args.drafts]
             _, stats = speculative_decode(
                 levels, prompt, args.max_new_tokens, k=ks, stop_ids=tokenizer.stop_ids, on_token=stream,
-                adaptive=args.adaptive, **sampling,
+                adaptive=args.adaptive, trees=args.trees, **sampling,
             )  # fmt: skip
     except ValueError as e:
         sys.exit(f"\nerror: {e}")
@@ -207,7 +273,7 @@ def main(argv=None):
     )
     if len(levels) == 1:
         # Bytes streamed per token: the number a memory-bound decoder is judged by.
-        gb = weight_bytes(model) / 1e9
+        gb = weight_bytes(levels[0].model) / 1e9
         gbps = gb * 1e3 / stats.ms_per_token if stats.ms_per_token else 0.0
         summary += f", {gbps:.1f} GB/s of weights ({gb:.3f} GB per token)"
     else:

@@ -409,7 +409,7 @@ def test_smollm2_bf16_greedy_speculation_equals_plain_decoding(kernels, smollm2)
     bf16 target's own greedy tokens exactly, with no near-tie excuse: MXFP4 + tiny drafts, 40 tokens."""
     from checkpoint import build_model
     from generate import build_levels
-    from speculate import autoregressive_decode, speculative_decode
+    from speculate import TreeShape, autoregressive_decode, speculative_decode
 
     model32, tok = smollm2
     target = build_model(model32.config, model32.state_dict(), "cpu", torch.bfloat16)
@@ -419,3 +419,8 @@ def test_smollm2_bf16_greedy_speculation_equals_plain_decoding(kernels, smollm2)
     plain, _ = autoregressive_decode(levels[0], prompt, 40)
     fast, _ = speculative_decode(levels, prompt, 40, k=[3, 2])
     assert fast.tolist() == plain.tolist()
+    # The SpecMQuant hierarchy: tiny drafts trees that the MXFP4 level verifies (tree masks, moved
+    # keys/values), and it hands sequences to the target. The attention kernel visits a tree node's
+    # visible slots in increasing order, as a sequential step does, so this is bit-exact too.
+    fast, stats = speculative_decode(levels, prompt, 40, k=[4, 2], trees=[None, TreeShape(nodes=8, topk=3)])
+    assert fast.tolist() == plain.tolist() and stats.levels[2].tree_nodes > 0

@@ -6,7 +6,7 @@ import torch
 
 import generate
 from checkpoint import load_model
-from speculate import ModelLevel, autoregressive_decode, speculative_decode
+from speculate import ModelLevel, TreeShape, autoregressive_decode, speculative_decode
 
 PROMPTS = [
     "The capital of France is",
@@ -44,16 +44,27 @@ def smollm2_f64():
 # holds every kind of draft keeps this affordable; the tiny-only stack is cheap.
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "drafts", [[("tiny", 3)], [("mxfp4", 4), ("tiny", 2), ("ngram", 2)]], ids=["tiny", "mxfp4+tiny+ngram"]
+    "drafts,trees",
+    [
+        ([("tiny", 3)], None),
+        ([("mxfp4", 4), ("tiny", 2), ("ngram", 2)], None),
+        ([("tiny", 3)], [TreeShape(nodes=10, topk=4)]),  # EAGLE-2 style: the target verifies trees
+        # The hierarchy (an intermediate verifies trees); with mxfp4 + tiny it is in test_cpu_kernels.py,
+        # in bf16 with the kernels: float64 MXFP4 dequantizes on every call and took minutes here.
+        ([("tiny", 4), ("ngram", 2)], [None, TreeShape(nodes=8, topk=3)]),
+    ],
+    ids=["tiny", "mxfp4+tiny+ngram", "tiny-tree", "tiny+ngram-tree"],
 )
-def test_speculation_on_smollm2_returns_the_targets_greedy_tokens(smollm2_f64, drafts):
+def test_speculation_on_smollm2_returns_the_targets_greedy_tokens(smollm2_f64, drafts, trees):
     model, tok = smollm2_f64
     prompt = torch.tensor(
         tok.encode(tok.apply_chat_template([{"role": "user", "content": "Name three fruits."}]))
     )
     ref, _ = autoregressive_decode(ModelLevel(model), prompt, 16, stop_ids=tok.stop_ids)
     levels = generate.build_levels(model, tok, drafts, "cpu", torch.float64)
-    out, stats = speculative_decode(levels, prompt, 16, k=[k for _, k in drafts], stop_ids=tok.stop_ids)
+    out, stats = speculative_decode(
+        levels, prompt, 16, k=[k for _, k in drafts], stop_ids=tok.stop_ids, trees=trees
+    )
     assert out.tolist() == ref.tolist()
     assert stats.levels[1].proposed > 0
 
@@ -69,6 +80,11 @@ def test_cli_plain_and_speculative_runs(capsys):
     )
     out = capsys.readouterr()
     assert "acceptance by position" in out.err and len(stats.levels) == 3
+    stats = generate.main(
+        ["--prompt", "1, 2, 3, 1, 2, 3,", "--max-new-tokens", "8", "--levels", "tiny:2,ngram:3:tree"]
+    )
+    out = capsys.readouterr()
+    assert "mean tree verified, level 2 ngram" in out.err and stats.levels[2].tree_nodes > 0
 
 
 def run_cli_error(argv, capsys):
@@ -84,6 +100,9 @@ def test_cli_argument_errors(capsys):
     assert "--draft2 needs a --draft" in run_cli_error(["--draft2", "tiny"], capsys)
     assert "kind:k" in run_cli_error(["--levels", "mxfp4"], capsys)
     assert "--temperature" in run_cli_error(["--temperature", "-1"], capsys)
+    assert "need a draft at that level" in run_cli_error(["--draft", "tiny", "--tree2"], capsys)
+    assert "only the last draft level" in run_cli_error(["--levels", "tiny:2:tree,ngram:2"], capsys)
+    assert "nodes >= 1" in run_cli_error(["--draft", "tiny", "--tree", "--tree-nodes", "0"], capsys)
 
 
 def test_cli_missing_checkpoint(tmp_path, capsys):

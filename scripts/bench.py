@@ -28,17 +28,29 @@ sys.path.insert(0, str(ROOT))
 
 from checkpoint import load_model  # noqa: E402
 from generate import build_levels, default_dtype  # noqa: E402
-from speculate import autoregressive_decode, speculative_decode  # noqa: E402
+from speculate import TreeShape, autoregressive_decode, speculative_decode  # noqa: E402
 
-CONFIGS = {  # name: drafts top-down as (kind, k)
+CONFIGS = {  # name: drafts top-down as (kind, k), or (kind, k, "tree") for a level that drafts trees
     "AR": [],
     "SD tiny": [("tiny", 4)],
     "SD mxfp4": [("mxfp4", 4)],
     "SD mxfp4 (head kept)": [("mxfp4", 4)],  # the draft keeps the output head in the run dtype
     "ML-SD mxfp4+tiny": [("mxfp4", 6), ("tiny", 3)],
     "ML-SD mxfp4+tiny+ngram": [("mxfp4", 6), ("tiny", 3), ("ngram", 2)],
+    # Issue 7: the target verifies tiny's trees itself (EAGLE-2 style), and the SpecMQuant hierarchy,
+    # where the MXFP4 level verifies tiny's trees and hands the target sequences.
+    "tree SD tiny": [("tiny", 3, "tree")],
+    "tree SD ngram": [("ngram", 3, "tree")],
+    "hierarchy mxfp4+tiny tree": [("mxfp4", 6), ("tiny", 3, "tree")],
 }
 HEAD_KEPT = {"SD mxfp4 (head kept)"}
+TREE = TreeShape(nodes=16, topk=4)  # --tree-nodes / --tree-topk change it
+
+
+def split(config: list) -> tuple[list[tuple[str, int]], list | None]:
+    """A CONFIGS entry -> (drafts as (kind, k), trees for speculative_decode)."""
+    trees = [TREE if len(d) > 2 else None for d in config]
+    return [d[:2] for d in config], trees if any(trees) else None
 
 
 def load_prompts(n_per_category: int) -> list[dict]:
@@ -49,7 +61,7 @@ def load_prompts(n_per_category: int) -> list[dict]:
     return rows
 
 
-def run_config(levels, drafts, prompts, max_new, temperature, seed, desc=None):
+def run_config(levels, drafts, prompts, max_new, temperature, seed, desc=None, trees=None):
     """One configuration over all prompts: per-prompt outputs and per-category aggregates."""
     per_prompt = []
     bar = tqdm(prompts, desc=desc, unit="prompt", leave=False, file=sys.stderr, disable=not desc)
@@ -59,7 +71,7 @@ def run_config(levels, drafts, prompts, max_new, temperature, seed, desc=None):
         if not drafts:
             out, st = autoregressive_decode(levels[0], ids, max_new, **kw)
         else:
-            out, st = speculative_decode(levels, ids, max_new, k=[k for _, k in drafts], **kw)
+            out, st = speculative_decode(levels, ids, max_new, k=[k for _, k in drafts], trees=trees, **kw)
         per_prompt.append(dict(id=row["id"], category=row["category"], tokens=out.tolist(), stats=st))
     return per_prompt
 
@@ -119,6 +131,7 @@ def summarise(per_prompt, names):
                 accepted=accepted,
                 rounds=rounds,
                 forward_time_s=sum(s.forward_time or 0.0 for s in lv),
+                mean_tree_nodes=sum(s.tree_nodes for s in lv) / rounds if rounds else 0.0,
             )
         )
     out["target_forward_time_s"] = sum(
@@ -128,6 +141,7 @@ def summarise(per_prompt, names):
 
 
 def main(argv=None):
+    global TREE  # the tree configs' shape, from the command line
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -139,11 +153,20 @@ def main(argv=None):
     p.add_argument("--prompts-per-category", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tree-nodes", type=int, default=TREE.nodes, help="nodes per tree of the tree configs")
+    p.add_argument("--tree-topk", type=int, default=TREE.topk, help="children per expanded tree node")
+    p.add_argument(
+        "--target-quant",
+        default="none",
+        choices=["none", "mxfp4", "int4"],
+        help="every config (AR too) runs this 4-bit target; speedups are over its own AR",
+    )
     p.add_argument(
         "--no-agreement", dest="agreement", action="store_false", help="skip the draft-alone agreement table"
     )
     p.add_argument("--out", type=Path, default=None, help="output prefix: writes PREFIX.json and PREFIX.md")
     a = p.parse_args(argv)
+    TREE = TreeShape(a.tree_nodes, a.tree_topk)
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype) if a.dtype else default_dtype(device)
     model, tok = load_model(a.checkpoint, device, dtype)
@@ -159,16 +182,21 @@ def main(argv=None):
 
     results, baseline_tokens = [], {}
     for name in names:
-        drafts = CONFIGS[name]
-        levels = build_levels(model, tok, drafts, device, dtype, quantize_head=name not in HEAD_KEPT)
+        drafts, trees = split(CONFIGS[name])
+        head, quant = name not in HEAD_KEPT, a.target_quant
+        levels = build_levels(model, tok, drafts, device, dtype, quantize_head=head, target_quant=quant)
         level_names = [lv.name for lv in levels]
         warm = prompts[0][1]
         (autoregressive_decode(levels[0], warm, 4) if not drafts else
-         speculative_decode(levels, warm, 8, k=[k for _, k in drafts]))  # fmt: skip
+         speculative_decode(levels, warm, 8, k=[k for _, k in drafts], trees=trees))  # fmt: skip
         for t in temps:
             t0 = time.perf_counter()
-            per_prompt = run_config(levels, drafts, prompts, a.max_new_tokens, t, a.seed, f"{name} T={t:g}")
-            row = dict(config=name, temperature=t, drafts=drafts, all=summarise(per_prompt, level_names))
+            per_prompt = run_config(
+                levels, drafts, prompts, a.max_new_tokens, t, a.seed, f"{name} T={t:g}", trees
+            )
+            row = dict(config=name, temperature=t, drafts=CONFIGS[name])
+            row["all"] = summarise(per_prompt, level_names)
+            row["tree"] = vars(TREE) if trees else None
             row["by_category"] = {
                 c: summarise([q for q in per_prompt if q["category"] == c], level_names) for c in categories
             }
@@ -213,7 +241,9 @@ def markdown(results, categories, device, dtype, a, agreement) -> str:
     lines = [
         f"Model: {a.checkpoint or 'embedded SmolLM2-135M-Instruct'}, {device}, {str(dtype)[6:]}, "
         f"{a.prompts_per_category} prompts x {len(categories)} categories, {a.max_new_tokens} new tokens, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads.",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, target weights: "
+        f"{a.target_quant if a.target_quant != 'none' else 'as loaded'}; tree configs: {TREE.nodes} nodes, "
+        f"top-{TREE.topk}, depth = their k (for a tree level, acceptance counts accepted / tree depth).",
         "",
         "| config | T | tokens/s | speedup | greedy identical | per level: acceptance / mean acc. length |",
         "|---|---:|---:|---:|:---:|---|",
@@ -221,6 +251,7 @@ def markdown(results, categories, device, dtype, a, agreement) -> str:
     for r in results:
         acc = "; ".join(
             f"{lv['name']} {lv['acceptance_rate']:.2f} / {lv['mean_accepted_length']:.2f}"
+            + (f" (trees of {lv['mean_tree_nodes']:.1f} nodes)" if lv.get("mean_tree_nodes") else "")
             for lv in r["all"]["levels"]
         )
         same = {True: "yes", False: "**NO**"}.get(r.get("greedy_identical"), "-")

@@ -186,14 +186,16 @@ def quantize_model(
     model: nn.Module,
     quantize_output: bool = True,
     skip: Callable[[str, nn.Linear], bool] | None = None,
+    cast: Callable[[nn.Linear], nn.Module] = MXFP4Linear.from_linear,
 ) -> nn.Module:
-    """An MXFP4 copy of `model` (the draft); `model` itself is left unchanged.
+    """A quantized copy of `model` (the draft), MXFP4 by default; `model` itself is left unchanged.
 
-    Every nn.Linear becomes an MXFP4Linear, except the output head when quantize_output is False
-    and the layers for which skip(qualified_name, module) is true. Everything else is shared, the
-    very same tensor objects: embedding, norms, biases, unquantized linears, RoPE table, masks. So
-    the draft costs only its packed weights, and a tied output head that is not quantized stays tied
-    to the (shared) embedding.
+    Every nn.Linear becomes cast(linear), an MXFP4Linear by default, except the output head when
+    quantize_output is False and the layers for which skip(qualified_name, module) is true. (Another
+    `cast` gives another format with the same sharing: int4.quantize_model passes
+    Int4Linear.from_linear.) Everything else is shared, the very same tensor objects: embedding,
+    norms, biases, unquantized linears, RoPE table, masks. So the draft costs only its packed weights,
+    and a tied output head that is not quantized stays tied to the (shared) embedding.
 
     KV caches are not shared: buffers of a module that has both `k_cache` and `v_cache`, and any
     buffer whose name contains "cache", are given fresh zero-filled tensors of the same shape, dtype
@@ -222,7 +224,7 @@ def quantize_model(
 
     for name, module in model.named_modules():
         if wanted(name, module):
-            draft.set_submodule(name, MXFP4Linear.from_linear(module))
+            draft.set_submodule(name, cast(module))
     return draft
 
 

@@ -8,8 +8,11 @@ For each implementation and number of rows M (tokens per forward) it reports ms 
   torch bf16    F.linear(x bf16, W bf16)
   ours bf16     kernels.cpu.bf16_linear(x fp32, W bf16)  (x rounded to bf16 inside)
   ours mxfp4    kernels.cpu.mxfp4_linear(x fp32, codes, scales)
-GB/s counts the weight bytes of the implementation's format (fp32 4, bf16 2, MXFP4 0.53125 per weight)
-read once per call; it is not a measured memory traffic.
+  ours int4     kernels.cpu.int4_linear(x fp32, codes, scales)  (int4.py, bf16 scales, groups of 64 for
+                K = 576 and 128 for K = 1536: int4.group_size_for)
+GB/s counts the weight bytes of the implementation's format (fp32 4, bf16 2, MXFP4 0.53125 per weight,
+int4 0.53125 too: 0.5 + 2/64, exact for K = 576, 3% high for w2's groups of 128) read once per call;
+it is not a measured memory traffic.
 
 Rows of the table:
   wqkv 960x576, wo 576x576, w1/w3 1536x576, w2 576x1536, output 49152x576   per call (N x K)
@@ -42,6 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import int4  # noqa: E402
 from kernels import cpu as cpu_kernels  # noqa: E402
 from mxfp4 import quantize  # noqa: E402
 
@@ -55,12 +59,15 @@ SHAPES = {  # name -> (N, K)
     "output": (49152, 576),
 }
 LAYER_ORDER = ("wqkv", "wo", "w1/w3", "w1/w3", "w2")  # one layer's calls, in the model's order
-IMPLS = ("torch fp32", "torch bf16", "ours bf16", "ours mxfp4")
-BYTES_PER_WEIGHT = {"torch fp32": 4.0, "torch bf16": 2.0, "ours bf16": 2.0, "ours mxfp4": 0.5 + 1 / 32}
+IMPLS = ("torch fp32", "torch bf16", "ours bf16", "ours mxfp4", "ours int4")
+BYTES_PER_WEIGHT = {
+    "torch fp32": 4.0, "torch bf16": 2.0, "ours bf16": 2.0,
+    "ours mxfp4": 0.5 + 1 / 32, "ours int4": 0.5 + 2 / 64,
+}  # fmt: skip
 
 
 def make_weights(seed: int = 0) -> dict[str, list[dict[str, torch.Tensor]]]:
-    """shape name -> its copies, each {"fp32", "bf16", "codes", "scales"}."""
+    """shape name -> its copies, each {"fp32", "bf16", "codes", "scales", "int4"}."""
     g = torch.Generator().manual_seed(seed)
     weights = {}
     for name, (n, k) in SHAPES.items():
@@ -69,7 +76,10 @@ def make_weights(seed: int = 0) -> dict[str, list[dict[str, torch.Tensor]]]:
         for _ in range(copies):
             w = torch.randn(n, k, generator=g) * 0.02
             codes, scales = quantize(w)
-            items.append({"fp32": w, "bf16": w.bfloat16(), "codes": codes, "scales": scales})
+            int4_weight = int4.quantize(w, int4.group_size_for(k))
+            items.append(
+                {"fp32": w, "bf16": w.bfloat16(), "codes": codes, "scales": scales, "int4": int4_weight}
+            )
         weights[name] = items
     return weights
 
@@ -100,6 +110,9 @@ def make_pass(impl: str, calls, xs):
     elif impl == "ours mxfp4":
         args = [(xs[SHAPES[n][1]], w["codes"], w["scales"]) for n, w in calls]
         f = cpu_kernels.mxfp4_linear
+    elif impl == "ours int4":
+        args = [(xs[SHAPES[n][1]], *w["int4"]) for n, w in calls]
+        f = cpu_kernels.int4_linear
     else:
         raise ValueError(impl)
 

@@ -4,23 +4,28 @@ over the KV cache, RMSNorm and RoPE.
     from kernels import cpu as cpu_kernels
     if cpu_kernels.available():                    # builds the extension on first use
         y = cpu_kernels.mxfp4_linear(x, codes, scales)   # W in MXFP4, mxfp4.py's layout as is
+        y = cpu_kernels.int4_linear(x, codes, scales)    # W in int4 (W4A16), int4.py's layout as is
         y = cpu_kernels.bf16_linear(x, w_bf16)           # W in bf16 [N, K]
         y = cpu_kernels.attention(q, k_cache, v_cache, mask)   # [B, H, T, D] over [B, KVH, S, D]
         y = cpu_kernels.rms_norm(x, weight, eps); y = cpu_kernels.rope(q, freqs)
 
-Who calls them: MXFP4Linear (mxfp4.py) and BF16Linear (here; checkpoint.py swaps bf16 nn.Linear
-layers on the CPU for it) for the linears; model.py for attention over the cache, RMSNorm and RoPE,
-each behind `usable(...)` with the plain PyTorch code as the fallback. Every one of them computes each
-output row alone, by the same operations whatever the number of rows, so a verification forward over
-k+1 tokens gives bit-identical logits to k+1 one-token steps (with bf16 or MXFP4 weights; an fp32
-target still goes through torch's GEMM, which is not M-invariant).
+Who calls them: MXFP4Linear (mxfp4.py), Int4Linear (int4.py) and BF16Linear (here; checkpoint.py swaps
+bf16 nn.Linear layers on the CPU for it) for the linears; model.py for attention over the cache,
+RMSNorm and RoPE, each behind `usable(...)` with the plain PyTorch code as the fallback. Every one of
+them computes each output row alone, by the same operations whatever the number of rows, so a
+verification forward over k+1 tokens gives bit-identical logits to k+1 one-token steps (with bf16,
+MXFP4 or int4 weights; an fp32 target still goes through torch's GEMM, which is not M-invariant).
 
-Both take x in float32 or bfloat16 of any shape [..., K] and return [..., N] in x's dtype,
+The linears take x in float32 or bfloat16 of any shape [..., K] and return [..., N] in x's dtype,
 accumulated in fp32. No autograd (call them under torch.no_grad() or inference_mode), no bias.
 
   mxfp4_linear  the weight as quantized: codes uint8 [N, K/2], scales uint8 [N, K/32], no repacking.
                 Equals dequantize-then-matmul up to the order of the fp32 additions (the decoded
                 weights are exact).
+  int4_linear   the weight as quantized: codes uint8 [N, K/2] (nibble = q + 8), scales bf16 or fp16
+                [N, K/G] (G, read from the shapes, a multiple of 32), no repacking. Equals
+                dequantize(codes, scales, float32)-then-matmul up to the order of the fp32 additions
+                (q * scale is exact in fp32).
   bf16_linear   x is rounded to bf16 (nearest even) first, as vdpbf16ps needs, so the result is that
                 of a bf16 x bf16 matmul with fp32 accumulation, on every CPU. The default kernel does
                 exact fp32 FMAs on the bf16 values (bf16 -> fp32 is a shift), odd element then even
@@ -39,10 +44,10 @@ which the caller never waits for a helper that has not started (thread_pool.h sa
 fork-join took a scheduler time slice per call on a busy machine). Matrices under ~48 KB of weight
 run on the calling thread only.
 
-torch.compile: the functions are also the operators torch.ops.specqd_cpu.mxfp4_linear / bf16_linear
-(with shape functions), and under compilation the two wrappers below call those, so a model that uses
-them compiles with fullgraph=True. Call available() once before compiling: the first call builds or
-loads the library, which the compiler cannot trace.
+torch.compile: the functions are also the operators torch.ops.specqd_cpu.* (mxfp4_linear, int4_linear,
+bf16_linear, ..., with shape functions), and under compilation the wrappers below call those, so a
+model that uses them compiles with fullgraph=True. Call available() once before compiling: the first
+call builds or loads the library, which the compiler cannot trace.
 
 Build. On first use the sources here are compiled with torch.utils.cpp_extension.load (g++ or the
 compiler in $CXX, and ninja) into ~/.cache/specqd/cpu_kernels/<hash>/ ($SPECQD_CACHE_DIR or
@@ -76,6 +81,7 @@ __all__ = [
     "available",
     "unavailable_reason",
     "mxfp4_linear",
+    "int4_linear",
     "bf16_linear",
     "BF16Linear",
     "use_bf16_kernel",
@@ -112,7 +118,11 @@ def _build_dir(flags: tuple[str, ...]) -> Path:
     here = Path(__file__).parent
     for name in _SOURCES + _HEADERS:
         h.update((here / name).read_bytes())
-    for part in (torch.__version__, sys.version, " ".join(flags), os.environ.get("CXX", "")):
+    # ninja too: ninja 1.11 (a system package) and 1.13 (pip's, on PATH when the virtual environment is
+    # activated) logged the same commands under different hashes, so processes alternating between them
+    # in one folder rebuilt everything (about a minute) every time.
+    ninja = shutil.which("ninja") or ""
+    for part in (torch.__version__, sys.version, " ".join(flags), os.environ.get("CXX", ""), ninja):
         h.update(part.encode())
     return _cache_dir() / h.hexdigest()[:16]
 
@@ -179,6 +189,10 @@ def _register_fakes():
     def _(x, codes, scales):
         return x.new_empty((*x.shape[:-1], codes.shape[0]))
 
+    @torch.library.register_fake("specqd_cpu::int4_linear")
+    def _(x, codes, scales):
+        return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
     @torch.library.register_fake("specqd_cpu::bf16_linear")
     def _(x, w):
         return x.new_empty((*x.shape[:-1], w.shape[0]))
@@ -234,6 +248,14 @@ def mxfp4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> 
     if torch.compiler.is_compiling():
         return torch.ops.specqd_cpu.mxfp4_linear(x, codes, scales)
     return (_EXT or _require()).mxfp4_linear(x, codes, scales)
+
+
+def int4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [..., K] (float32 or bfloat16) @ W.T, W in int4 (codes uint8 [N, K/2], scales bfloat16 or
+    float16 [N, K/G]): [..., N] in x's dtype."""
+    if torch.compiler.is_compiling():
+        return torch.ops.specqd_cpu.int4_linear(x, codes, scales)
+    return (_EXT or _require()).int4_linear(x, codes, scales)
 
 
 def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,11 @@ void prep_bf16_pairs_bf16(const uint16_t* x, int64_t M, int64_t K, uint16_t* xp)
 void mxfp4_rows(const float* xp, int64_t M, int64_t K, const uint8_t* codes, const uint8_t* scales,
                 int64_t N, int64_t n0, int64_t n1, void* y, bool y_bf16);
 
+// W in int4 (int4.py): codes [N, K/2] as MXFP4's, a nibble c meaning c - 8; scales [N, K/group] as raw
+// bf16 bits, or fp16 bits when scales_f16. group % 32 == 0, K % group == 0.
+void int4_rows(const float* xp, int64_t M, int64_t K, int64_t group, const uint8_t* codes, const uint16_t* scales,
+               bool scales_f16, int64_t N, int64_t n0, int64_t n1, void* y, bool y_bf16);
+
 // W in bf16 [N, K] (as raw uint16 bits), any K; xp from prep_even_odd_* with round_bf16.
 void bf16_rows(const float* xp, int64_t M, int64_t K, const uint16_t* w, int64_t N, int64_t n0,
                int64_t n1, void* y, bool y_bf16);

@@ -6,8 +6,9 @@
 // fp32 weights 4, so reading the weight in its stored format and decoding it in registers is what
 // makes the small formats fast. Nothing is written to memory but y (and a small copy of x).
 //
-// The tiling (the same for the three kernels):
-//   - A "block" is 32 consecutive elements of K: one MXFP4 scale block, one zmm of bf16 weights.
+// The tiling (the same for every kernel here):
+//   - A "block" is 32 consecutive elements of K: one MXFP4 scale block, one zmm of bf16 weights, a
+//     quarter of an int4 group of 128.
 //   - An output tile is NR weight rows (outputs n) by MR activation rows (tokens m), held as NR*MR
 //     accumulators of 16 fp32 lanes in zmm registers. Per block, each of the NR weight rows is loaded
 //     and decoded once into two zmm of 16 fp32 weights, then multiplied with all MR activation rows:
@@ -263,6 +264,100 @@ AVX512 void mxfp4_rows_mr(const float* xp, int64_t K, const uint8_t* codes, cons
   for (int64_t n = rest; n < n1; ++n) mxfp4_tile<1, MR>(xp, K, codes, scales, n, 1, y, ldy, y_bf16);
 }
 
+// ---- int4 (W4A16, int4.py's layout) ------------------------------------------------------------
+//
+// The MXFP4 kernel with another table. The codes are packed as MXFP4's (element 2i in the low nibble
+// of byte i), a nibble c meaning q = c - 8, and each group of G elements of K (G a multiple of 32) has
+// one bf16 or fp16 scale. Per group and weight row the 16-lane table (c - 8) * scale is one multiply
+// (exact: a 4-bit integer times a scale of at most 11 significant bits); per block the decode is then
+// MXFP4's, with that table in place of kScaledE2M1[s]: vpmovzxbd, vpermps, shift, vpermps. The FMAs,
+// their order and hsum16 are MXFP4's too, so the same argument gives bit-identical results across M.
+// Measured against mxfp4_tile (one thread, weights in L2, a 2-core Xeon VM, model 167): the same time at
+// K = 1536 (groups of 128) for M = 1..16; ~9% slower at M = 1 and 2-6% at M = 4..16 for K = 576 with
+// groups of 64, where the table is rebuilt every 2 blocks. (Converting each scale as its group starts,
+// a broadcast through port 5 like the decode's shuffles, cost 17% there.)
+
+// 16 bf16 or fp16 scales as fp32: bf16 bits are the top half of an fp32; fp16 by vcvtph2ps (exact, also
+// for subnormal scales).
+AVX512_INLINE __m512 scales_to_fp32(__m256i s, bool f16) {
+  if (f16) return _mm512_cvtph_ps(s);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(s), 16));
+}
+
+// Outputs y[0..MR-1, n + r * step] for r = 0..NR-1, as mxfp4_tile; `group` elements of K per scale.
+template <int NR, int MR>
+AVX512 void int4_tile(const float* xp, int64_t K, int64_t group, const uint8_t* codes, const uint16_t* scales,
+                      bool f16, int64_t n, int64_t step, void* y, int64_t ldy, bool y_bf16) {
+  const int64_t ngroups = K / group, blocks_per_group = group / 32;
+  const __m512 q_values = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  const uint8_t* c[NR];
+  const uint16_t* s[NR];
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r) {
+    c[r] = codes + (n + r * step) * (K / 2);
+    s[r] = scales + (n + r * step) * ngroups;
+  }
+  __m512 acc[NR][MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
+
+  // The scales of 16 groups of each row, converted to fp32 at once: the table of a group then costs one
+  // broadcast load and one multiply, no shuffle (port 5 is busy with the decode's).
+  alignas(64) float scale16[NR][16];
+  for (int64_t g = 0; g < ngroups; ++g) {
+    if ((g & 15) == 0) {
+      const __mmask16 valid = first_lanes16(ngroups - g);
+#pragma GCC unroll 16
+      for (int r = 0; r < NR; ++r)
+        _mm512_store_ps(scale16[r], scales_to_fp32(_mm256_maskz_loadu_epi16(valid, s[r] + g), f16));
+    }
+    __m512 lut[NR];  // this group's 16 values of each weight row
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) lut[r] = _mm512_mul_ps(q_values, _mm512_set1_ps(scale16[r][g & 15]));
+    for (int64_t j = g * blocks_per_group; j < (g + 1) * blocks_per_group; ++j) {
+      __m512 w_even[NR], w_odd[NR];
+      if ((j & 3) == 0) {  // one cache line of codes per row every 4 blocks, as for MXFP4
+#pragma GCC unroll 16
+        for (int r = 0; r < NR; ++r) prefetch(c[r] + 16 * j + kPrefetchBytes);
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < NR; ++r) {
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c[r] + 16 * j)));
+        w_even[r] = _mm512_permutexvar_ps(q, lut[r]);                        // low nibbles: x[2i]
+        w_odd[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), lut[r]);  // high nibbles: x[2i+1]
+      }
+      const float* xj = xp + j * (MR * 32);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) {
+        const __m512 x_even = _mm512_load_ps(xj + m * 32);
+        const __m512 x_odd = _mm512_load_ps(xj + m * 32 + 16);
+#pragma GCC unroll 16
+        for (int r = 0; r < NR; ++r) {
+          acc[r][m] = _mm512_fmadd_ps(w_even[r], x_even, acc[r][m]);
+          acc[r][m] = _mm512_fmadd_ps(w_odd[r], x_odd, acc[r][m]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) store(y, m * ldy + n + r * step, y_bf16, hsum16(acc[r][m]));
+}
+
+// Rows [n0, n1) for MR activation rows: mxfp4_rows_mr's lanes and leftovers.
+template <int MR>
+AVX512 void int4_rows_mr(const float* xp, int64_t K, int64_t group, const uint8_t* codes, const uint16_t* scales,
+                         bool f16, int64_t n0, int64_t n1, void* y, int64_t ldy, bool y_bf16) {
+  constexpr int NR = tile_rows(MR);
+  const int64_t lane = (n1 - n0) / NR, rest = n0 + lane * NR;
+  for (int64_t t = 0; t < lane; ++t)
+    int4_tile<NR, MR>(xp, K, group, codes, scales, f16, n0 + t, lane, y, ldy, y_bf16);
+  for (int64_t n = rest; n < n1; ++n) int4_tile<1, MR>(xp, K, group, codes, scales, f16, n, 1, y, ldy, y_bf16);
+}
+
 // ---- bf16, AVX-512F (no vdpbf16ps): exact fp32 FMAs on bf16-rounded x ------------------------
 //
 // Block j of a weight row is one 64-byte load: dword i holds w[32j + 2i] in its low half and
@@ -501,6 +596,17 @@ AVX512 void mxfp4_rows(const float* xp, int64_t M, int64_t K, const uint8_t* cod
   }
 }
 
+AVX512 void int4_rows(const float* xp, int64_t M, int64_t K, int64_t group, const uint8_t* codes,
+                      const uint16_t* scales, bool scales_f16, int64_t N, int64_t n0, int64_t n1, void* y,
+                      bool y_bf16) {
+  const int64_t elem = y_bf16 ? 2 : 4;
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxMR) {
+    const int64_t mr = M - m0 < kMaxMR ? M - m0 : kMaxMR;
+    void* ym = static_cast<char*>(y) + m0 * N * elem;
+    SPECQD_DISPATCH_MR(mr, int4_rows_mr, xp + m0 * K, K, group, codes, scales, scales_f16, n0, n1, ym, N, y_bf16)
+  }
+}
+
 AVX512 void bf16_rows(const float* xp, int64_t M, int64_t K, const uint16_t* w, int64_t N, int64_t n0, int64_t n1,
                       void* y, bool y_bf16) {
   const int64_t elem = y_bf16 ? 2 : 4, kp = round_up32(K);
@@ -536,6 +642,8 @@ void prep_bf16_pairs_f32(const float*, int64_t, int64_t, uint16_t*) {}
 void prep_bf16_pairs_bf16(const uint16_t*, int64_t, int64_t, uint16_t*) {}
 void mxfp4_rows(const float*, int64_t, int64_t, const uint8_t*, const uint8_t*, int64_t, int64_t, int64_t, void*,
                 bool) {}
+void int4_rows(const float*, int64_t, int64_t, int64_t, const uint8_t*, const uint16_t*, bool, int64_t, int64_t,
+               int64_t, void*, bool) {}
 void bf16_rows(const float*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, int64_t, void*, bool) {}
 void bf16_rows_dot(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, int64_t, void*, bool) {}
 

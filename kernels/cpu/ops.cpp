@@ -137,6 +137,44 @@ at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& codes, const at::
   return y;
 }
 
+// y = x @ W.T with W in int4 (codes [N, K/2], scales bf16 or fp16 [N, K/G], int4.py's layout). x float32
+// or bfloat16 [..., K]; y [..., N] in x's dtype, accumulated in fp32.
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
+  check_common(x, codes, "int4_linear");
+  TORCH_CHECK(codes.scalar_type() == at::kByte, "int4_linear: codes must be uint8");
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 || scales.scalar_type() == at::kHalf,
+              "int4_linear: scales must be bfloat16 or float16, got ", scales.scalar_type());
+  TORCH_CHECK(codes.dim() == 2 && scales.dim() == 2, "int4_linear: codes and scales must be 2-D");
+  const int64_t N = codes.size(0), K = codes.size(1) * 2, G = scales.size(1);
+  TORCH_CHECK(scales.size(0) == N && G > 0 && K % G == 0 && (K / G) % 32 == 0, "int4_linear: scales ",
+              scales.sizes(), " do not match codes ", codes.sizes(), " (groups must be a multiple of 32 wide)");
+  TORCH_CHECK(x.size(-1) == K, "int4_linear: x has ", x.size(-1), " features, the weight ", K);
+  TORCH_CHECK(scales.device().is_cpu(), "int4_linear: CPU tensors expected");
+
+  const at::Tensor xc = x.contiguous(), cc = codes.contiguous(), sc = scales.contiguous();
+  const int64_t M = leading_rows(xc);
+  at::Tensor y = at::empty(out_shape(x, N), x.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0) return y.zero_();
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+
+  at::Tensor keep;
+  float* xp = static_cast<float*>(scratch(M * K * sizeof(float), keep));
+  if (bf16)
+    prep_even_odd_bf16(reinterpret_cast<const uint16_t*>(xc.data_ptr()), M, K, xp);
+  else
+    prep_even_odd_f32(xc.data_ptr<float>(), M, K, xp, false);
+
+  const uint8_t* cp = cc.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr());
+  const bool f16 = scales.scalar_type() == at::kHalf;
+  const int64_t group = K / G;
+  void* yp = y.data_ptr();
+  for_rows(N, K / 2 + 2 * G,
+           [&](int64_t n0, int64_t n1) { int4_rows(xp, M, K, group, cp, sp, f16, N, n0, n1, yp, bf16); });
+  return y;
+}
+
 // y = x @ W.T with W in bf16 [N, K]. x float32 or bfloat16 [..., K] is rounded to bf16 (nearest even)
 // and the bf16 x bf16 products are accumulated in fp32; y [..., N] in x's dtype.
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
@@ -231,6 +269,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 #ifndef SPECQD_NO_TORCH_LIBRARY  // defined only to load several builds into one process (A/B timing)
 TORCH_LIBRARY(specqd_cpu, m) {
   m.def("mxfp4_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -238,6 +277,7 @@ TORCH_LIBRARY(specqd_cpu, m) {
 }
 TORCH_LIBRARY_IMPL(specqd_cpu, CPU, m) {
   m.impl("mxfp4_linear", &specqd_cpu::mxfp4_linear);
+  m.impl("int4_linear", &specqd_cpu::int4_linear);
   m.impl("bf16_linear", &specqd_cpu::bf16_linear);
   m.impl("attention", &specqd_cpu::attention);
   m.impl("rms_norm", &specqd_cpu::rms_norm);
@@ -249,6 +289,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace specqd_cpu;
   m.def("mxfp4_linear", &mxfp4_linear, "y = x @ W.T, W in MXFP4 (codes, scales)", py::arg("x"), py::arg("codes"),
         py::arg("scales"));
+  m.def("int4_linear", &int4_linear, "y = x @ W.T, W in int4 (codes, bf16/fp16 group scales)", py::arg("x"),
+        py::arg("codes"), py::arg("scales"));
   m.def("bf16_linear", &bf16_linear, "y = x @ W.T, W in bf16, x rounded to bf16", py::arg("x"), py::arg("w"));
   m.def("attention", &attention, "softmax(q k^T * scale, mask) v over a KV cache", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("mask"), py::arg("scale"));

@@ -7,6 +7,7 @@
     python generate.py --draft mxfp4 --draft2 tiny --tree2   # SpecMQuant: tiny drafts trees for mxfp4
     python generate.py --draft tiny --tree --tree-nodes 16   # EAGLE-2 style: the target verifies trees
     python generate.py --target-quant int4 --draft tiny      # a 4-bit target (drafts measured against it)
+    torchrun --nproc-per-node 3 generate.py --tp --draft mxfp4 --draft2 tiny   # tensor parallel (tp.py)
 
 A draft is `mxfp4` or `int4` (the level above, before any --target-quant, cast to that format), `tiny`
 (the distilled student of the embedded model), `ngram` (prompt lookup, last level only), a checkpoint
@@ -16,10 +17,12 @@ entry kind:k:tree makes that level draft token trees k deep (--tree-nodes, --tre
 """
 
 import argparse
+import os
 import sys
 
 import torch
 
+import tp
 from checkpoint import CheckpointError, load_model
 from kernels import cpu as cpu_kernels
 from model import weight_bytes
@@ -73,6 +76,17 @@ def parse_args(argv=None):
     p.add_argument("--tree-topk", type=int, default=10, help="children per expanded node (EAGLE-2 top-k)")
     p.add_argument(
         "--tree-depth", type=int, default=None, help="depth of every tree level (default: that level's k)"
+    )
+    p.add_argument(
+        "--tp",
+        action="store_true",
+        help="tensor parallel over the torchrun processes (implied when torchrun starts several)",
+    )
+    p.add_argument(
+        "--shard-drafts",
+        action="store_true",
+        help="under TP, also shard tiny/checkpoint drafts (default: each rank runs them whole: no "
+        "collective per drafted token); mxfp4/int4 drafts are cast from the sharded level above",
     )
     p.add_argument(
         "--target-quant",
@@ -167,7 +181,14 @@ def cast(model, quant: str, quantize_head: bool = True):
 
 
 def build_levels(
-    target, tokenizer, drafts, device, dtype, quantize_head=True, compile=None, target_quant="none"
+    target,
+    tokenizer,
+    drafts,
+    device,
+    dtype,
+    quantize_head=True,
+    compile=None,
+    target_quant="none",
 ):
     """ModelLevels (and proposers) for [target, *drafts], top-down. `mxfp4` / `int4` cast the model of
     the level above it (the unquantized one: a draft of an int4 target is cast from the original
@@ -203,6 +224,19 @@ def build_levels(
     return levels
 
 
+def shard_levels(levels, drafts, shard_drafts=False):
+    """Tensor parallelism (tp.py) for a built stack, on every rank: the target is sharded, and so are
+    mxfp4/int4 drafts (casts of a level above, as big as a quarter of it); tiny and checkpoint drafts
+    stay whole on every rank unless shard_drafts (small drafts are cheaper replicated: no collective
+    per drafted token). Sharding comes after build_levels because `tiny` is built from the whole
+    target's layers. A ValueError says when a model's heads do not divide by the world size."""
+    tp.apply_tp(levels[0].model)
+    for level, (kind, _) in zip(levels[1:], drafts):
+        if kind != "ngram" and (shard_drafts or kind.partition("@")[0] in QUANTS):
+            # tiny's head predicts a subset of the vocabulary: it stays whole (it is small).
+            tp.apply_tp(level.model, shard_head=kind.partition("@")[0] != "tiny")
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA, and on a CPU that runs our kernels (kernels/cpu: 1.9x torch fp32 there, and its
     multi-token forwards round exactly like one-token steps); elsewhere fp32, because torch's own
@@ -217,6 +251,14 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but no CUDA device is available")
+    rank = tp.maybe_init_dist(device)  # None unless torchrun started several processes
+    if args.tp and rank is None:
+        sys.exit("error: --tp needs several processes: launch with torchrun --nproc-per-node N generate.py")
+    if rank is not None:
+        device = tp.device_for_rank(device)
+        if device.type == "cpu":  # torchrun gives each rank 1 thread; share the cores out instead
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp.world_size()))
+    lead = rank in (None, 0)  # only rank 0 prints; every rank computes the same tokens
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else default_dtype(device)
     try:
         model, tokenizer = load_model(args.checkpoint, device, dtype)
@@ -233,6 +275,8 @@ def main(argv=None):
         levels = build_levels(
             model, tokenizer, args.drafts, device, dtype, args.quantize_head, args.compile, args.target_quant
         )
+        if rank is not None:
+            shard_levels(levels, args.drafts, args.shard_drafts)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -241,6 +285,8 @@ def main(argv=None):
 
     def stream(ids):
         nonlocal printed
+        if not lead:
+            return
         out = tokenizer.decode(ids)
         if out.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
             return
@@ -275,10 +321,14 @@ def main(argv=None):
         # Bytes streamed per token: the number a memory-bound decoder is judged by.
         gb = weight_bytes(levels[0].model) / 1e9
         gbps = gb * 1e3 / stats.ms_per_token if stats.ms_per_token else 0.0
-        summary += f", {gbps:.1f} GB/s of weights ({gb:.3f} GB per token)"
+        per = f" per rank, {tp.world_size()} ranks" if rank is not None else ""
+        summary += f", {gbps:.1f} GB/s of weights ({gb:.3f} GB per token{per})"
     else:
         summary += "\n" + format_stats(stats)
-    print(summary, file=sys.stderr)
+    if lead:
+        print(summary, file=sys.stderr)
+    if rank is not None:
+        torch.distributed.destroy_process_group()
     return stats
 
 

@@ -130,8 +130,10 @@ class Transformer(nn.Module):
         c = self.config
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
         for b in self.layers:
+            # The layer's own kv head count, not the config's: tensor parallelism (tp.py) gives each
+            # rank's Attention its share of the heads, and its cache holds only those.
             b.attention.kv_cache = KVCache(
-                max_batch_size, max_seq_length, c.n_local_heads, c.head_dim, dtype, device
+                max_batch_size, max_seq_length, b.attention.n_local_heads, c.head_dim, dtype, device
             )
         self.register_buffer("freqs_cis", rope_table(c, max_seq_length, device), persistent=False)
         causal = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))

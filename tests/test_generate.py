@@ -103,6 +103,7 @@ def test_cli_argument_errors(capsys):
     assert "need a draft at that level" in run_cli_error(["--draft", "tiny", "--tree2"], capsys)
     assert "only the last draft level" in run_cli_error(["--levels", "tiny:2:tree,ngram:2"], capsys)
     assert "nodes >= 1" in run_cli_error(["--draft", "tiny", "--tree", "--tree-nodes", "0"], capsys)
+    assert "launch with torchrun" in run_cli_error(["--tp"], capsys)
 
 
 def test_cli_missing_checkpoint(tmp_path, capsys):

@@ -42,6 +42,7 @@ CONFIGS = {  # name: drafts top-down as (kind, k), or (kind, k, "tree") for a le
     "tree SD tiny": [("tiny", 3, "tree")],
     "tree SD ngram": [("ngram", 3, "tree")],
     "hierarchy mxfp4+tiny tree": [("mxfp4", 6), ("tiny", 3, "tree")],
+    "hierarchy tiny+ngram tree": [("tiny", 4), ("ngram", 3, "tree")],  # for 4-bit targets: a bf16 middle
 }
 HEAD_KEPT = {"SD mxfp4 (head kept)"}
 TREE = TreeShape(nodes=16, topk=4)  # --tree-nodes / --tree-topk change it

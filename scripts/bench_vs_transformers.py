@@ -1,0 +1,123 @@
+"""Our autoregressive decoding against Hugging Face transformers on the same machine, same prompts.
+
+    python scripts/bench_vs_transformers.py --out results/cpu_vs_transformers
+
+Both decode the embedded SmolLM2-135M-Instruct greedily from the same chat prompts (one per prompt
+set), the same number of new tokens (EOS ignored, so every run makes exactly that many), batch 1, the
+same threads. Runs alternate (ours, theirs, ours, ...) so a change in the machine's load hits both;
+each figure is the median over the prompts of the best of --repeats runs. tokens/s counts new tokens
+over the whole call, prefill included (what `generate` costs a user); decode ms/token excludes the
+first token. transformers runs in its default fp32 and in bf16; ours in bf16 with the CPU kernels
+(generate.py's default on this CPU) and in fp32 (torch's GEMM).
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from checkpoint import default_checkpoint, load_model  # noqa: E402
+from scripts.bench import load_prompts  # noqa: E402
+from speculate import ModelLevel, autoregressive_decode  # noqa: E402
+
+
+def ours(dtype):
+    model, tok = load_model(device="cpu", dtype=dtype)
+    level = ModelLevel(model)
+
+    def run(ids, n):
+        t0 = time.perf_counter()
+        out, st = autoregressive_decode(level, torch.tensor(ids), n)
+        return time.perf_counter() - t0, st.time_to_first_token, out.tolist()
+
+    return run, tok
+
+
+def theirs(dtype):
+    from transformers import AutoModelForCausalLM
+
+    path = default_checkpoint()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
+
+    def run(ids, n):
+        x = torch.tensor([ids])
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            # One token first, to split prefill from decode the same way as ours.
+            model.generate(x, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
+            t1 = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out = model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t0, t1, out[0, len(ids) :].tolist()
+
+    return run
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=None, help="output prefix: PREFIX.json and PREFIX.md")
+    a = p.parse_args(argv)
+    runners = {}
+    runners["ours bf16 (kernels)"], tok = ours(torch.bfloat16)
+    runners["ours fp32"], _ = ours(torch.float32)
+    runners["transformers fp32"] = theirs(torch.float32)
+    runners["transformers bf16"] = theirs(torch.bfloat16)
+    prompts = []
+    for row in load_prompts(1):
+        text = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}])
+        prompts.append(tok.encode(text, bos=tok.add_bos))
+    n = a.max_new_tokens
+    for run in runners.values():  # warm-up
+        run(prompts[0], 4)
+    best = {name: [] for name in runners}
+    for ids in prompts:
+        times = {name: [] for name in runners}
+        for _ in range(a.repeats):
+            for name, run in runners.items():
+                total, first, _ = run(ids, n)
+                times[name].append((total, first))
+        for name in runners:
+            total, first = min(times[name])
+            best[name].append((total, first))
+    rows = []
+    for name, ts in best.items():
+        tps = statistics.median(n / t for t, _ in ts)
+        ms = statistics.median(1e3 * (t - f) / (n - 1) for t, f in ts if t > f) if n > 1 else 0.0
+        rows.append(dict(impl=name, tokens_per_s=tps, decode_ms_per_token=ms))
+    ref = next(r for r in rows if r["impl"] == "transformers fp32")["tokens_per_s"]
+    for r in rows:
+        r["vs_transformers_fp32"] = r["tokens_per_s"] / ref
+    lines = [
+        f"SmolLM2-135M-Instruct, greedy, {len(prompts)} prompts x {n} new tokens, batch 1, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.processor() or 'CPU'}",
+        "",
+        "| implementation | tokens/s (prefill included) | decode ms/token | vs transformers fp32 |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['impl']} | {r['tokens_per_s']:.1f} | {r['decode_ms_per_token']:.2f} | "
+        f"{r['vs_transformers_fp32']:.2f}x |"
+        for r in rows
+    ]
+    md = "\n".join(lines)
+    print(md)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        record = dict(rows=rows, settings=vars(a) | {"out": str(a.out)}, machine=platform.node())
+        a.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+        a.out.with_suffix(".md").write_text(md + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -138,6 +138,16 @@ def summarise(per_prompt, names):
     out["target_forward_time_s"] = sum(
         p["stats"].levels[0].forward_time or 0.0 for p in per_prompt if p["stats"].levels
     )
+    # Each level's mean forward time by tokens fed: the cost of verifying sequences or trees of each size.
+    out["ms_per_forward_by_tokens"] = []
+    for i in range(len(names)):
+        acc = {}
+        for p in per_prompt:
+            if i < len(p["stats"].levels):
+                for t, (n, sec) in p["stats"].levels[i].time_by_tokens.items():
+                    a, b = acc.get(t, (0, 0.0))
+                    acc[t] = (a + n, b + sec)
+        out["ms_per_forward_by_tokens"].append({t: 1e3 * sec / n for t, (n, sec) in sorted(acc.items())})
     return out
 
 

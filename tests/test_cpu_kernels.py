@@ -424,3 +424,10 @@ def test_smollm2_bf16_greedy_speculation_equals_plain_decoding(kernels, smollm2)
     # visible slots in increasing order, as a sequential step does, so this is bit-exact too.
     fast, stats = speculative_decode(levels, prompt, 40, k=[4, 2], trees=[None, TreeShape(nodes=8, topk=3)])
     assert fast.tolist() == plain.tolist() and stats.levels[2].tree_nodes > 0
+    # A 4-bit (int4) target keeps its own greedy tokens, bit for bit, under tiny's trees.
+    levels = build_levels(
+        target, tok, [("tiny", 3)], torch.device("cpu"), torch.bfloat16, target_quant="int4"
+    )
+    plain, _ = autoregressive_decode(levels[0], prompt, 40)
+    fast, _ = speculative_decode(levels, prompt, 40, k=[3], trees=[TreeShape(nodes=6, topk=2)])
+    assert fast.tolist() == plain.tolist()

@@ -87,6 +87,15 @@ def test_cli_plain_and_speculative_runs(capsys):
     assert "mean tree verified, level 2 ngram" in out.err and stats.levels[2].tree_nodes > 0
 
 
+@pytest.mark.slow
+def test_cli_quantized_target_and_draft(capsys):
+    # A 4-bit target, and a draft that is itself cast (tiny@mxfp4) drafting trees for it.
+    argv = ["--prompt", "1, 2, 3, 1, 2, 3,", "--max-new-tokens", "6", "--target-quant", "int4"]
+    stats = generate.main(argv + ["--levels", "tiny@mxfp4:2:tree", "--tree-nodes", "4", "--tree-topk", "2"])
+    err = capsys.readouterr().err
+    assert "0 target(int4)" in err and "1 tiny@mxfp4" in err and stats.levels[1].tree_nodes > 0
+
+
 def run_cli_error(argv, capsys):
     with pytest.raises(SystemExit) as e:
         generate.main(argv)

@@ -39,6 +39,8 @@ class ModelLevel:
         if max_seq_length > self.max_seq_length:
             self.model.setup_caches(1, max_seq_length)
             self.max_seq_length = max_seq_length  # new buffers: the compiled graphs' guards recompile
+        # The modules holding caches, for move_kv (walking the whole model per tree round cost ~2 ms).
+        self._caches = [m for m in self.model.modules() if hasattr(m, "k_cache") and hasattr(m, "v_cache")]
 
     @torch.no_grad()
     def forward(self, tokens: Tensor, start_pos: int) -> Tensor:
@@ -60,10 +62,9 @@ class ModelLevel:
         """Copy the cached keys/values of slots src to slots dst in every layer: after a tree round the
         accepted path moves from its scratch slots to the positions sequential decoding would use.
         The gather happens before the scatter, so overlapping ranges are safe."""
-        for module in self.model.modules():
-            if hasattr(module, "k_cache") and hasattr(module, "v_cache"):
-                module.k_cache[:, :, dst] = module.k_cache[:, :, src]
-                module.v_cache[:, :, dst] = module.v_cache[:, :, src]
+        for cache in self._caches:
+            cache.k_cache[:, :, dst] = cache.k_cache[:, :, src]
+            cache.v_cache[:, :, dst] = cache.v_cache[:, :, src]
 
 
 @dataclass

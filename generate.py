@@ -13,7 +13,9 @@ A draft is `mxfp4` or `int4` (the level above, before any --target-quant, cast t
 (the distilled student of the embedded model), `ngram` (prompt lookup, last level only), a checkpoint
 path, or `none`; `KIND@mxfp4` / `KIND@int4` casts that draft itself (e.g. `tiny@mxfp4`). In --levels an
 entry kind:k:tree makes that level draft token trees k deep (--tree-nodes, --tree-topk), as --tree and
---tree2 do for --draft and --draft2. No decoding logic lives here: that is speculate.py's job.
+--tree2 do for --draft and --draft2; under torchrun, kind:k:shard or kind:k:replicate places that
+draft (default: mxfp4/int4 sharded, others replicated). No decoding logic lives here: that is
+speculate.py's job.
 """
 
 import argparse
@@ -96,7 +98,8 @@ def parse_args(argv=None):
         "--shard-drafts",
         action="store_true",
         help="under TP, also shard tiny/checkpoint drafts (default: each rank runs them whole: no "
-        "collective per drafted token); mxfp4/int4 drafts are cast from the sharded level above",
+        "collective per drafted token; mxfp4/int4 drafts are sharded); per level: kind:k:shard or "
+        "kind:k:replicate in --levels",
     )
     p.add_argument(
         "--target-quant",
@@ -113,7 +116,7 @@ def parse_args(argv=None):
     )
     args = p.parse_args(argv)
     try:
-        args.drafts, args.trees = parse_levels(args)
+        args.drafts, args.trees, args.placement = parse_levels(args)
     except ValueError as e:
         p.error(str(e))
     if args.temperature < 0:
@@ -127,18 +130,28 @@ def parse_args(argv=None):
     return args
 
 
-def parse_levels(args) -> tuple[list[tuple[str, int]], list]:
-    """[(kind, k), ...] for the draft levels, top-down, and for each a TreeShape or None."""
+LEVEL_FLAGS = ("tree", "shard", "replicate")
+
+
+def parse_levels(args) -> tuple[list[tuple[str, int]], list, list]:
+    """[(kind, k), ...] for the draft levels, top-down; for each a TreeShape or None; and for each its
+    placement under tensor parallelism: "shard", "replicate" or None (the default for its kind)."""
+    placement = []
     if args.levels:
         drafts, tree = [], []
         for item in args.levels.split(","):
-            item = item.strip()
-            is_tree = item.endswith(":tree")
-            kind, _, k = item.removesuffix(":tree").rpartition(":")
-            if not kind or not k.lstrip("-").isdigit():
-                raise ValueError(f"--levels entries are kind:k or kind:k:tree, got {item!r}")
+            parts = item.strip().split(":")
+            flags = []
+            while len(parts) > 2 and parts[-1] in LEVEL_FLAGS:
+                flags.append(parts.pop())
+            kind, k = ":".join(parts[:-1]), parts[-1]
+            if not kind or not k.lstrip("-").isdigit() or ("shard" in flags and "replicate" in flags):
+                raise ValueError(
+                    f"--levels entries are kind:k with optional :tree and :shard or :replicate, got {item!r}"
+                )
             drafts.append((kind, int(k)))
-            tree.append(is_tree)
+            tree.append("tree" in flags)
+            placement.append(next((f for f in flags if f != "tree"), None))
     else:
         drafts, tree = [(args.draft, args.k), (args.draft2, args.k2)], [args.tree, args.tree2]
         if drafts[0][0] == "none":
@@ -159,6 +172,9 @@ def parse_levels(args) -> tuple[list[tuple[str, int]], list]:
     nodes = args.tree_nodes if args.tree_nodes is not None else (30 if cuda else 4)
     topk = args.tree_topk if args.tree_topk is not None else (10 if cuda else 2)
     shape = TreeShape(nodes, topk)  # ValueError for sizes < 1
+    placement = placement or [None] * len(drafts)
+    if args.shard_drafts:
+        placement = [p or "shard" for p in placement]
     for kind, k in drafts:
         if k < 1:
             raise ValueError(f"k must be >= 1 for every draft, got {k} for {kind}")
@@ -168,7 +184,7 @@ def parse_levels(args) -> tuple[list[tuple[str, int]], list]:
         raise ValueError("ngram can only be the last level: nothing below it can speed it up")
     if any(tree[:-1]):
         raise ValueError("only the last draft level can draft trees (a tree is verified by the level above)")
-    return drafts, [shape if t else None for t in tree]
+    return drafts, [shape if t else None for t in tree], placement
 
 
 def check_same_tokenizer(target_tok, draft_tok, name):
@@ -240,17 +256,19 @@ def build_levels(
     return levels
 
 
-def shard_levels(levels, drafts, shard_drafts=False):
-    """Tensor parallelism (tp.py) for a built stack, on every rank: the target is sharded, and so are
-    mxfp4/int4 drafts (casts of a level above, as big as a quarter of it); tiny and checkpoint drafts
-    stay whole on every rank unless shard_drafts (small drafts are cheaper replicated: no collective
-    per drafted token). Sharding comes after build_levels because `tiny` is built from the whole
-    target's layers. A ValueError says when a model's heads do not divide by the world size."""
+def shard_levels(levels, drafts, placement=None):
+    """Tensor parallelism (tp.py) for a built stack, on every rank: the target is sharded; each draft
+    as `placement` says ("shard" or "replicate", one per draft), by default mxfp4/int4 drafts are
+    sharded (casts of a level above, as big as a quarter of it) and tiny and checkpoint drafts stay
+    whole on every rank (small drafts are cheaper replicated: no collective per drafted token).
+    Sharding comes after build_levels because `tiny` and replicated casts are built from the whole
+    target. A ValueError says when a model's heads do not divide by the world size."""
     tp.apply_tp(levels[0].model)
-    for level, (kind, _) in zip(levels[1:], drafts):
-        if kind != "ngram" and (shard_drafts or kind.partition("@")[0] in QUANTS):
+    for level, (kind, _), where in zip(levels[1:], drafts, placement or [None] * len(drafts)):
+        base = kind.partition("@")[0]
+        if kind != "ngram" and (where == "shard" or (where is None and base in QUANTS)):
             # tiny's head predicts a subset of the vocabulary: it stays whole (it is small).
-            tp.apply_tp(level.model, shard_head=kind.partition("@")[0] != "tiny")
+            tp.apply_tp(level.model, shard_head=base != "tiny")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -292,7 +310,7 @@ def main(argv=None):
             model, tokenizer, args.drafts, device, dtype, args.quantize_head, args.compile, args.target_quant
         )
         if rank is not None:
-            shard_levels(levels, args.drafts, args.shard_drafts)
+            shard_levels(levels, args.drafts, args.placement)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     generator = torch.Generator(device=device).manual_seed(args.seed)

@@ -113,6 +113,16 @@ def test_cli_argument_errors(capsys):
     assert "only the last draft level" in run_cli_error(["--levels", "tiny:2:tree,ngram:2"], capsys)
     assert "nodes >= 1" in run_cli_error(["--draft", "tiny", "--tree", "--tree-nodes", "0"], capsys)
     assert "launch with torchrun" in run_cli_error(["--tp"], capsys)
+    assert ":shard or :replicate" in run_cli_error(["--levels", "tiny:2:shard:replicate"], capsys)
+
+
+def test_level_flags_parse():
+    args = generate.parse_args(["--levels", "mxfp4:6:replicate,tiny:3:tree:shard"])
+    assert args.drafts == [("mxfp4", 6), ("tiny", 3)]
+    assert args.trees[0] is None and args.trees[1] is not None
+    assert args.placement == ["replicate", "shard"]
+    args = generate.parse_args(["--draft", "mxfp4", "--draft2", "tiny", "--shard-drafts"])
+    assert args.placement == ["shard", "shard"] and args.trees == [None, None]
 
 
 def test_cli_missing_checkpoint(tmp_path, capsys):

@@ -183,6 +183,10 @@ class Int4Linear(nn.Module):
             y = F.linear(x, dequantize(self.codes, self.scales, x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    def cpu_spec(self) -> tuple:
+        """How kernels/cpu's fused decoder block calls this layer (kind 2: int4 codes and scales)."""
+        return 2, self.codes, self.scales
+
     def extra_repr(self) -> str:
         has_bias = self.bias is not None
         return (

@@ -173,6 +173,10 @@ class MXFP4Linear(nn.Module):
             y = F.linear(x, dequantize(self.codes, self.scales, x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    def cpu_spec(self) -> tuple:
+        """How kernels/cpu's fused decoder block calls this layer (kind 1: MXFP4 codes and scales)."""
+        return 1, self.codes, self.scales
+
     def extra_repr(self) -> str:
         has_bias = self.bias is not None
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={has_bias}"

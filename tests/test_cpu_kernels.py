@@ -378,6 +378,49 @@ def test_rms_norm_and_rope_follow_the_model(kernels, dtype):
     assert torch.equal(kernels.rope(q, freqs), expected)  # the same operations in the same order
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "mxfp4", "int4"])
+def test_fused_block_gives_the_eager_bits(kernels, fmt, monkeypatch):
+    """block.cpp runs model.py's TransformerBlock in one call: the same bits as the eager path, for every
+    weight format and token count, and it steps aside where it must (hooks, fp32 weights)."""
+    import int4
+    import mxfp4
+    from model import ModelArgs, Transformer
+
+    torch.manual_seed(0)
+    args = ModelArgs(block_size=64, vocab_size=300, n_layer=2, n_head=4, n_local_heads=2, dim=128)
+    model = Transformer(args).to(torch.bfloat16).eval().requires_grad_(False)
+    kernels.use_bf16_kernel(model)
+    model = {"bf16": model, "mxfp4": mxfp4.quantize_model(model), "int4": int4.quantize_model(model)}[fmt]
+    ids = torch.randint(0, 300, (1, 12))
+    calls = []
+    fused = kernels.block
+
+    def counting(*a):
+        out = fused(*a)
+        calls.append(out is not None)
+        return out
+
+    def run():
+        model.setup_caches(1, 64)
+        with torch.no_grad():
+            return [model(ids[:, :5], torch.arange(5)), model(ids[:, 5:9], torch.arange(5, 9))] + [
+                model(ids[:, i : i + 1], torch.tensor([i])) for i in range(9, 12)
+            ]
+
+    monkeypatch.setattr(kernels, "block", counting)
+    fast = run()
+    assert calls and all(calls)  # the fused path ran for every block
+    monkeypatch.setattr(kernels, "block", lambda *a: None)
+    eager = run()
+    assert all(torch.equal(a, b) for a, b in zip(fast, eager))
+    # A forward hook (tensor parallelism's all-reduce is one) sends the block back to the eager path.
+    monkeypatch.setattr(kernels, "block", counting)
+    calls.clear()
+    model.layers[0].attention.register_forward_hook(lambda m, a, out: out)
+    run()
+    assert calls[0] is False and calls[1] is True
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_smollm2_verification_forward_equals_single_steps(kernels, smollm2, dtype):

@@ -91,7 +91,7 @@ __all__ = [
     "info",
 ]
 
-_SOURCES = ("ops.cpp", "kernels_avx512.cpp", "attention_avx512.cpp", "norm_rope.cpp")
+_SOURCES = ("ops.cpp", "kernels_avx512.cpp", "attention_avx512.cpp", "norm_rope.cpp", "block.cpp")
 _HEADERS = ("kernels.h", "thread_pool.h")
 # -O3 and nothing target-specific: the kernels carry their own target attributes and are only called
 # after a run-time CPU check. -ffp-contract=off: no fused multiply-adds other than the written ones.
@@ -302,6 +302,51 @@ def attention_usable(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None
         and k.dtype in (torch.float32, torch.bfloat16)
         and usable(q)
     )
+
+
+def _linear_spec(layer) -> tuple | None:
+    """(kind, a, b) of a linear layer block.cpp can run: 0 a bf16 BF16Linear, else the layer's own
+    `cpu_spec()` (MXFP4Linear: 1, Int4Linear: 2). None for anything else, or a layer with a bias."""
+    if getattr(layer, "bias", None) is not None or layer._forward_hooks or layer._forward_pre_hooks:
+        return None
+    if type(layer) is BF16Linear and layer.weight.dtype == torch.bfloat16:
+        return 0, layer.weight, layer.weight
+    spec = getattr(layer, "cpu_spec", None)
+    return spec() if spec is not None else None
+
+
+def block(layer, x: torch.Tensor, freqs: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor):
+    """model.py's TransformerBlock `layer` on the cached path in one C++ call (block.cpp), or None when
+    it cannot (then the caller runs its own eager code, which gives the same bits, only slower): the
+    kernels unavailable or compiling, a linear that is not bf16/MXFP4/int4 without bias, hooks on the
+    block's modules (tensor parallelism adds all-reduces as hooks), or shapes the kernels do not take."""
+    attn, ffn = layer.attention, layer.feed_forward
+    if (
+        torch.compiler.is_compiling()
+        or not usable(x)
+        or freqs.dim() != 3
+        or attn.kv_cache is None
+        or mask is None
+        or mask.dim() != 2
+        or mask.dtype != torch.bool
+        or attn.head_dim % 16
+        or attn.head_dim > 256
+        or attn.kv_cache.k_cache.dtype not in (torch.float32, torch.bfloat16)
+        or any(m._forward_hooks or m._forward_pre_hooks for m in (layer, attn, ffn))
+    ):
+        return None
+    specs = [_linear_spec(m) for m in (attn.wqkv, attn.wo, ffn.w1, ffn.w3, ffn.w2)]
+    if None in specs:
+        return None
+    norms = (layer.attention_norm, layer.ffn_norm)
+    if any(not usable(n.weight) or n._forward_hooks for n in norms) or norms[0].eps != norms[1].eps:
+        return None
+    weights = [norms[0].weight, norms[1].weight] + [t for _, a, b in specs for t in (a, b)]
+    return _EXT.block(
+        x, weights, [kind for kind, _, _ in specs], attn.kv_cache.k_cache, attn.kv_cache.v_cache,
+        input_pos, freqs, mask, attn.n_head, attn.n_local_heads, attn.head_dim, norms[0].eps,
+        attn.head_dim**-0.5,
+    )  # fmt: skip
 
 
 def info() -> dict:

@@ -15,6 +15,10 @@ namespace specqd_cpu {
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);  // norm_rope.cpp
 at::Tensor rope(const at::Tensor& x, const at::Tensor& freqs);                   // norm_rope.cpp
+at::Tensor block(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<int64_t>& kinds,
+                 at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& input_pos, const at::Tensor& freqs,
+                 const at::Tensor& mask, int64_t n_head, int64_t n_kv, int64_t head_dim, double eps,
+                 double scale);                                                   // block.cpp
 
 namespace {
 
@@ -296,6 +300,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v"), py::arg("mask"), py::arg("scale"));
   m.def("rms_norm", &rms_norm, "model.py's RMSNorm in one call", py::arg("x"), py::arg("weight"), py::arg("eps"));
   m.def("rope", &rope, "model.py's apply_rope in one call", py::arg("x"), py::arg("freqs"));
+  m.def("block", &block, "model.py's TransformerBlock (cached path) in one call");
   m.def("cpu_has_avx512", &cpu_has_avx512);
   m.def("cpu_has_avx512_bf16", &cpu_has_avx512_bf16);
   m.def("built_with_bf16_dot", &built_with_bf16_dot);

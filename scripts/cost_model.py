@@ -26,7 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def expected_speedup(step: list[float], verify: list[float], accept: list[float], k: list[int]) -> float:
+def expected_speedup(
+    step: list[float],
+    verify: list[float],
+    accept: list[float],
+    k: list[int],
+    emitted: list[float | None] | None = None,
+    drafting: list[float | None] | None = None,
+) -> float:
     """Expected speedup of speculative decoding over plain decoding with levels[0] (the target).
 
     Leviathan et al. (2023), generalised to a stack of levels 0 (target) .. L-1 (last draft):
@@ -42,15 +49,24 @@ def expected_speedup(step: list[float], verify: list[float], accept: list[float]
         c[L-1] = step[L-1];   c[i] = (verify[i] + k[i] * c[i+1]) / E(accept[i], k[i])
     and the speedup is step[0] / c[0]. Ignored: the overshoot of a lower level past what the level
     above asked for (ours never overshoots), sampling and bookkeeping time between forwards, prefill.
+
+    Trees (level i+1 drafts a token tree for level i): no i.i.d. formula gives the tokens a tree round
+    emits, and drafting a tree is not k tokens at the per-token cost below. So emitted[i] (the measured
+    mean accepted length) replaces E, and drafting[i] (the seconds level i+1 spends growing one tree:
+    one forward per depth) replaces k[i] * c[i+1]; verify[i] is then level i's forward over the tree.
+    None entries (or no list) keep the sequence rule.
     """
     levels = len(step)
     if not (len(verify) >= levels - 1 and len(accept) >= levels - 1 and len(k) >= levels - 1):
         raise ValueError("need verify, accept and k for every level but the last")
+    emitted = emitted or [None] * levels
+    drafting = drafting or [None] * levels
     cost = step[-1]
     for i in range(levels - 2, -1, -1):
         a = accept[i]
-        emitted = k[i] + 1 if a >= 1 else (1 - a ** (k[i] + 1)) / (1 - a)
-        cost = (verify[i] + k[i] * cost) / emitted
+        e = emitted[i] or (k[i] + 1 if a >= 1 else (1 - a ** (k[i] + 1)) / (1 - a))
+        d = drafting[i] if drafting[i] is not None else k[i] * cost
+        cost = (verify[i] + d) / e
     return step[0] / cost
 
 
@@ -98,24 +114,45 @@ def latencies(levels, ks) -> tuple[list[float], list[float]]:
     return step, verify
 
 
+def tree_terms(levels, r: dict, ks: list[int], verify: list[float]):
+    """For a record row whose last level drafts trees: (emitted, drafting) for expected_speedup, with
+    verify[-1] replaced in place by the verifier's forward over a tree of the measured mean size. The
+    drafter grows a tree with one forward per depth: the first over one token, the others over topk
+    nodes each (bench.py's tree shape is saved with the row)."""
+    n = len(ks)
+    emitted, drafting = [None] * (n + 1), [None] * (n + 1)
+    last = r["all"]["levels"][-1]
+    nodes = max(1, round(last["mean_tree_nodes"]))
+    verify[n - 1] = time_forward(levels[n - 1], nodes + 1)
+    depth = ks[-1]
+    drafter = levels[n]
+    drafting[n - 1] = time_forward(drafter, 1) + (depth - 1) * time_forward(drafter, r["tree"]["topk"])
+    emitted[n - 1] = last["mean_accepted_length"]
+    return emitted, drafting
+
+
 def check(record: dict, model, tok, device, dtype) -> list[dict]:
     """Predicted vs measured speedup for every speculative configuration of a bench.py record."""
     from generate import build_levels
 
     rows = []
     for r in record["results"]:
-        drafts = [tuple(d) for d in r["drafts"]]
+        drafts = [tuple(d[:2]) for d in r["drafts"]]
         if not drafts:
             continue
         ks = [k for _, k in drafts]
         levels = build_levels(model, tok, drafts, device, dtype, quantize_head="head kept" not in r["config"])
         step, verify = latencies(levels, ks)
         accept = measured_acceptance(r, ks)
+        emitted = drafting = None
+        if r.get("tree"):
+            emitted, drafting = tree_terms(levels, r, ks, verify)
+        predicted = expected_speedup(step, verify, accept, ks, emitted, drafting)
         rows.append(
             dict(
                 config=r["config"], temperature=r["temperature"], k=ks, accept=accept,
                 step_ms=[s * 1e3 for s in step], verify_ms=[v * 1e3 for v in verify],
-                predicted=expected_speedup(step, verify, accept, ks), measured=r["speedup"],
+                predicted=predicted, measured=r["speedup"],
             )
         )  # fmt: skip
         del levels
@@ -142,7 +179,7 @@ def project(record: dict, target: str, tiny: str, device, dtype) -> list[dict]:
     }
     rows = []
     for r in record["results"]:
-        drafts = [tuple(d) for d in r["drafts"]]
+        drafts = [tuple(d[:2]) for d in r["drafts"]]
         if not drafts:
             continue
         ks = [k for _, k in drafts]
@@ -152,11 +189,14 @@ def project(record: dict, target: str, tiny: str, device, dtype) -> list[dict]:
         ]
         step, verify = latencies(levels, ks)
         accept = measured_acceptance(r, ks)
+        emitted = drafting = None
+        if r.get("tree"):
+            emitted, drafting = tree_terms(levels, r, ks, verify)
         rows.append(
             dict(
                 config=r["config"], temperature=r["temperature"], k=ks, accept=accept,
                 step_ms=[s * 1e3 for s in step], verify_ms=[v * 1e3 for v in verify],
-                projected=expected_speedup(step, verify, accept, ks),
+                projected=expected_speedup(step, verify, accept, ks, emitted, drafting),
             )
         )  # fmt: skip
         del levels

@@ -55,3 +55,15 @@ def test_bad_inputs():
         acceptance_from_mean_length(5.5, 4)
     with pytest.raises(ValueError):
         expected_speedup([1.0, 0.5, 0.1], [1.0], [0.5], [4])
+
+
+@given(e=st.floats(1.0, 5.0), t0=times, tv=times, td=times, c=st.floats(0.0, 1.0), k=ks)
+def test_tree_rounds_use_measured_tokens_and_drafting(e, t0, tv, td, c, k):
+    """A tree round emits e tokens (measured) for one verification of the tree and the drafter's
+    forwards (td): t0 * e / (tv + td), whatever k and the drafter's per-token cost say."""
+    got = expected_speedup([t0, c], [tv], [0.3], [k], emitted=[e, None], drafting=[td, None])
+    assert math.isclose(got, t0 * e / (tv + td), rel_tol=1e-12)
+    # With no override, the i.i.d. sequence rule is unchanged.
+    assert expected_speedup([t0, c], [tv], [0.3], [k], [None, None], [None, None]) == expected_speedup(
+        [t0, c], [tv], [0.3], [k]
+    )

@@ -42,14 +42,7 @@ PROMPT = [1, 2, 3, 1, 2]  # repeats, so the n-gram level finds matches
 ALPHA = 1e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Models this small are dominated by per-op overhead: one thread is fastest and leaves the other core
-    # to whatever else runs.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @functools.cache

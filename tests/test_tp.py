@@ -31,6 +31,8 @@ from model import ModelArgs, Transformer
 from mxfp4 import MXFP4Linear, quantize_model
 from speculate import ModelLevel, autoregressive_decode, speculative_decode
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
 WORLDS = (2, 3, 4)
 VOCAB = 256
 PROMPT = [5, 17, 99, 3, 250, 17, 99, 42]
@@ -191,14 +193,6 @@ def ranks(tmp_path_factory):
         mp.spawn(_worker, args=(world, str(folder)), nprocs=world, join=True)
         out[world] = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world)]
     return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("world", WORLDS)

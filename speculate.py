@@ -583,6 +583,27 @@ class Speculation:
         p = sampling.probs(logits, self.temperature, self.top_k, self.top_p)
         return torch.nn.functional.pad(p, (0, self.vocab - p.shape[-1]))
 
+    def _host_sequence(self, j: int, L: int) -> list[int]:
+        """buf[:L] as a list for proposer level j, which reads the sequence on the host: its copy is
+        brought up to date with one small transfer of what it has not seen."""
+        self.host[j] = self.host[j][: self.seen[j]] + self.buf[self.seen[j] : L].tolist()
+        self.seen[j] = L
+        return self.host[j]
+
+    def _forward_tree(self, i, tokens: Tensor, start: int, L: int, node_slots, positions, visible) -> Tensor:
+        """Level i's logits for `tokens`: first the context buf[start:L] at its own slots (each sees the
+        slots up to its own), then tree nodes at node_slots, node t seeing buf[:L] and the slots
+        visible[t]; `positions` are the RoPE positions of all of them."""
+        level = self.levels[i]
+        mask = tree_mask(level.max_seq_length, start, L, node_slots, visible).to(self.device)
+        if level.vocab_size < self.vocab:
+            tokens = tokens.clamp(max=level.vocab_size - 1)
+        slots = torch.tensor(list(range(start, L)) + node_slots, device=self.device)
+        t0 = self._tick()
+        out = level.forward_tree(tokens, slots, torch.tensor(positions, device=self.device), mask)
+        self._tock(i, t0, tokens.numel())
+        return out[:, : self.vocab]
+
     def _tick(self):
         if not self.timed:
             return 0.0
@@ -608,12 +629,10 @@ class Speculation:
         (sampling) the distribution each was drawn from, rows [n, vocab]; None when greedy."""
         level = self.levels[j]
         if is_proposer(level):
-            # Bring the host copy up to date with buf[:L] (one small transfer), then look up.
-            host = self.host[j][: self.seen[j]] + self.buf[self.seen[j] : L].tolist()
+            host = self._host_sequence(j, L)
             t0 = self._tick()
             tokens = level.propose(host, m)[:m]
             self._tock(j, t0, len(tokens))
-            self.host[j], self.seen[j] = host, L
             if not tokens:
                 return 0, None
             x = torch.tensor(tokens, dtype=torch.long, device=self.device)
@@ -695,21 +714,15 @@ class Speculation:
         """Level i's logits at the root (position L-1) and at every node of the tree, given buf[:L]: one
         forward that first feeds the context level i has not seen, then the nodes at scratch slots
         L + n, each rotated as position L - 1 + depth and seeing the context and its own path."""
-        level, s, N = self.levels[i], self.seen[i], len(tree)
+        s, N = self.seen[i], len(tree)
         assert s <= L - 1, f"cache bookkeeping: level {i} has seen {s} positions, asked from {L - 1}"
-        node_slots = [L + n for n in range(N)]
-        visible = [[L + a for a in tree.path(n)] for n in range(N)]
-        mask = tree_mask(level.max_seq_length, s, L, node_slots, visible).to(self.device)
         tokens = torch.cat([self.buf[s:L], torch.tensor(tree.tokens, device=self.device)])
-        if level.vocab_size < self.vocab:
-            tokens = tokens.clamp(max=level.vocab_size - 1)
-        slots = torch.tensor(list(range(s, L)) + node_slots, device=self.device)
-        positions = torch.tensor(list(range(s, L)) + [L - 1 + d for d in tree.depth], device=self.device)
-        t0 = self._tick()
-        out = level.forward_tree(tokens, slots, positions, mask)
-        self._tock(i, t0, tokens.numel())
+        node_slots = [L + n for n in range(N)]  # node n at scratch slot L + n
+        positions = list(range(s, L)) + [L - 1 + d for d in tree.depth]
+        visible = [[L + a for a in tree.path(n)] for n in range(N)]
+        out = self._forward_tree(i, tokens, s, L, node_slots, positions, visible)
         self.seen[i] = L  # the scratch slots hold nodes, not the sequence
-        return out[L - 1 - s :, : self.vocab]
+        return out[L - 1 - s :]
 
     def _walk_greedy(self, tree: Tree, logits: Tensor) -> tuple[list[int], int]:
         """Follow the verifier's argmax down the tree: the accepted path and the token after it."""
@@ -752,14 +765,13 @@ class Speculation:
         `nodes` candidates of all depths. A child never outscores its parent, so the kept set is a tree."""
         level, shape = self.levels[j], self.trees[j]
         if is_proposer(level):
-            host = self.host[j][: self.seen[j]] + self.buf[self.seen[j] : L].tolist()
+            host = self._host_sequence(j, L)
             t0 = self._tick()
             tree = level.propose_tree(host, depth, nodes)
             self._tock(j, t0, len(tree))
-            self.host[j], self.seen[j] = host, L
             return tree
         tokens, parents, scores, depths = [], [], [], []  # every candidate of every depth
-        slot = {}  # expanded candidate -> the scratch slot holding its key/value
+        chain = {-1: []}  # expanded candidate -> the scratch slots of its path (its own last)
 
         def expand(logits: Tensor, frontier: list[int], d: int) -> list[int]:
             # Each frontier node's topk children become candidates; the topk best of them are the
@@ -782,26 +794,17 @@ class Speculation:
 
         frontier = expand(self.logits(j, L - 1, L), [-1], 1)
         for d in range(2, depth + 1):
-            frontier = frontier[: max(0, self._room(j, L) - len(slot))]
+            used = len(chain) - 1
+            frontier = frontier[: max(0, self._room(j, L) - used)]
             if not frontier:
                 break
-            for c in frontier:
-                slot[c] = L + len(slot)
-            visible = []
-            for c in frontier:
-                chain, a = [], c
-                while a >= 0:
-                    chain.append(slot[a])
-                    a = parents[a]
-                visible.append(chain)
-            node_slots = [slot[c] for c in frontier]
-            mask = tree_mask(level.max_seq_length, L, L, node_slots, visible).to(self.device)
+            slots = [L + used + t for t in range(len(frontier))]
+            for c, sl in zip(frontier, slots):
+                chain[c] = chain[parents[c]] + [sl]
             x = torch.tensor([tokens[c] for c in frontier], device=self.device)
-            pos = torch.full((len(frontier),), L + d - 2, device=self.device)  # depth d-1: L-1+(d-1)
-            t0 = self._tick()
-            logits = level.forward_tree(x, torch.tensor(node_slots, device=self.device), pos, mask)
-            self._tock(j, t0, len(frontier))
-            frontier = expand(logits[:, : self.vocab], frontier, d)
+            positions = [L + d - 2] * len(frontier)  # the frontier is at depth d-1: position L-1+(d-1)
+            logits = self._forward_tree(j, x, L, L, slots, positions, [chain[c] for c in frontier])
+            frontier = expand(logits, frontier, d)
         # The rerank: best score first, a parent before its children on equal scores.
         keep = sorted(range(len(tokens)), key=lambda c: (-scores[c], depths[c], c))[:nodes]
         # Breadth-first order (parents first); siblings stay best first, the order they are tried in.

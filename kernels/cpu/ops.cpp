@@ -99,6 +99,17 @@ void check_common(const at::Tensor& x, const at::Tensor& w, const char* what) {
               ": no autograd support (call it under torch.no_grad() / inference_mode)");
 }
 
+// x (contiguous, float32 or bfloat16, M rows of K) in fp32 with even and odd columns apart, the layout the
+// 4-bit kernels read (their low nibbles meet the even columns): in scratch memory, held by `keep` if big.
+const float* even_odd_x(const at::Tensor& xc, int64_t M, int64_t K, at::Tensor& keep) {
+  float* xp = static_cast<float*>(scratch(M * K * sizeof(float), keep));
+  if (xc.scalar_type() == at::kBFloat16)
+    prep_even_odd_bf16(reinterpret_cast<const uint16_t*>(xc.data_ptr()), M, K, xp);
+  else
+    prep_even_odd_f32(xc.data_ptr<float>(), M, K, xp, false);
+  return xp;
+}
+
 std::vector<int64_t> out_shape(const at::Tensor& x, int64_t N) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
@@ -128,12 +139,7 @@ at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& codes, const at::
   const bool bf16 = x.scalar_type() == at::kBFloat16;
 
   at::Tensor keep;
-  float* xp = static_cast<float*>(scratch(M * K * sizeof(float), keep));
-  if (bf16)
-    prep_even_odd_bf16(reinterpret_cast<const uint16_t*>(xc.data_ptr()), M, K, xp);
-  else
-    prep_even_odd_f32(xc.data_ptr<float>(), M, K, xp, false);
-
+  const float* xp = even_odd_x(xc, M, K, keep);
   const uint8_t* cp = cc.data_ptr<uint8_t>();
   const uint8_t* sp = sc.data_ptr<uint8_t>();
   void* yp = y.data_ptr();
@@ -163,12 +169,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   const bool bf16 = x.scalar_type() == at::kBFloat16;
 
   at::Tensor keep;
-  float* xp = static_cast<float*>(scratch(M * K * sizeof(float), keep));
-  if (bf16)
-    prep_even_odd_bf16(reinterpret_cast<const uint16_t*>(xc.data_ptr()), M, K, xp);
-  else
-    prep_even_odd_f32(xc.data_ptr<float>(), M, K, xp, false);
-
+  const float* xp = even_odd_x(xc, M, K, keep);
   const uint8_t* cp = cc.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr());
   const bool f16 = scales.scalar_type() == at::kHalf;

@@ -292,15 +292,17 @@ def rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 def attention_usable(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether attention() takes these: a 2-D [T, S] bool mask, head_dim a multiple of 16 up to 256,
     the cache in fp32 or bf16, and usable(q)."""
-    d = q.shape[-1]
+    return _attention_takes(q.shape[-1], k.dtype, mask) and usable(q)
+
+
+def _attention_takes(head_dim: int, cache_dtype: torch.dtype, mask: torch.Tensor | None) -> bool:
     return (
         mask is not None
         and mask.dim() == 2
         and mask.dtype == torch.bool
-        and d % 16 == 0
-        and d <= 256
-        and k.dtype in (torch.float32, torch.bfloat16)
-        and usable(q)
+        and head_dim % 16 == 0
+        and head_dim <= 256
+        and cache_dtype in (torch.float32, torch.bfloat16)
     )
 
 
@@ -326,12 +328,7 @@ def block(layer, x: torch.Tensor, freqs: torch.Tensor, input_pos: torch.Tensor, 
         or not usable(x)
         or freqs.dim() != 3
         or attn.kv_cache is None
-        or mask is None
-        or mask.dim() != 2
-        or mask.dtype != torch.bool
-        or attn.head_dim % 16
-        or attn.head_dim > 256
-        or attn.kv_cache.k_cache.dtype not in (torch.float32, torch.bfloat16)
+        or not _attention_takes(attn.head_dim, attn.kv_cache.k_cache.dtype, mask)
         or any(m._forward_hooks or m._forward_pre_hooks for m in (layer, attn, ffn))
     ):
         return None

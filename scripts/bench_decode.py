@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kernels import cpu as cpu_kernels  # noqa: E402
 from model import ModelArgs, Transformer, weight_bytes  # noqa: E402
 from speculate import ModelLevel, autoregressive_decode  # noqa: E402
 
@@ -47,13 +48,20 @@ def copy_bandwidth(device, nbytes=1 << 30, iters=10) -> float:
     return 2 * nbytes / best / 1e9
 
 
-def random_model(name, device, dtype) -> Transformer:
+def random_model(name, device, dtype, layers: int | None = None) -> Transformer:
+    """A preset's shapes with random weights (gpt-fast's benchmarking method), built without a slow
+    default init; `layers` keeps only that many blocks. On the CPU the bf16 linears use our kernel, as
+    checkpoint.build_model does for loaded models (a no-op elsewhere)."""
+    args = ModelArgs.from_name(name)
+    if layers:
+        args.n_layer = min(layers, args.n_layer)
     with torch.device("meta"):
-        m = Transformer(ModelArgs.from_name(name))
+        m = Transformer(args)
     m = m.to_empty(device=device).to(dtype)
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.02) if p.dim() >= 2 else p.fill_(1.0)
+    cpu_kernels.use_bf16_kernel(m)
     return m.eval().requires_grad_(False)
 
 

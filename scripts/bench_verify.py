@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from generate import cast  # noqa: E402
-from kernels import cpu as cpu_kernels  # noqa: E402
-from model import ModelArgs, Transformer, weight_bytes  # noqa: E402
+from model import weight_bytes  # noqa: E402
+from scripts.bench_decode import random_model  # noqa: E402
 from speculate import ModelLevel  # noqa: E402
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64)
@@ -39,20 +39,6 @@ TOKENS = (1, 2, 4, 8, 16, 32, 64)
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def random_model(preset: str, layers: int | None, device, dtype) -> Transformer:
-    args = ModelArgs.from_name(preset)
-    if layers:
-        args.n_layer = min(layers, args.n_layer)
-    with torch.device("meta"):
-        m = Transformer(args)
-    m = m.to_empty(device=device).to(dtype)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.02) if p.dim() >= 2 else p.fill_(1.0)
-    cpu_kernels.use_bf16_kernel(m)  # as checkpoint.build_model does on the CPU (a no-op elsewhere)
-    return m.eval().requires_grad_(False)
 
 
 def time_forwards(model, device, context: int, tokens, repeats: int, compile) -> dict[int, float]:
@@ -123,7 +109,7 @@ def main(argv=None):
     tokens = [int(t) for t in a.tokens.split(",")]
     repeats = a.repeats or (20 if device.type == "cuda" else 5)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
-    base = random_model(a.preset, a.layers, device, torch.bfloat16)
+    base = random_model(a.preset, device, torch.bfloat16, layers=a.layers)
     record = dict(
         preset=a.preset, layers=base.config.n_layer, device=str(device), device_name=device_name,
         machine=platform.node(), torch=torch.__version__, context=a.context, repeats=repeats, results={},

@@ -161,21 +161,14 @@ def check(record: dict, model, tok, device, dtype) -> list[dict]:
 
 def project(record: dict, target: str, tiny: str, device, dtype) -> list[dict]:
     """Latencies at real shapes (random weights), acceptance from the real model's record."""
-    from kernels import cpu as cpu_kernels
-    from model import PRESETS, ModelArgs, Transformer
     from mxfp4 import quantize_model
+    from scripts.bench_decode import random_model
     from speculate import ModelLevel, NgramProposer
 
-    def random_model(name):
-        with torch.device(device):
-            m = Transformer(ModelArgs(**PRESETS[name])).to(dtype)
-        cpu_kernels.use_bf16_kernel(m)  # as checkpoint.build_model does (a no-op off the CPU)
-        return m.eval().requires_grad_(False)
-
-    big = random_model(target)
+    big = random_model(target, device, dtype)
     made = {
         "mxfp4": lambda head: ModelLevel(quantize_model(big, quantize_output=head), "mxfp4"),
-        "tiny": lambda head: ModelLevel(random_model(tiny), "tiny"),
+        "tiny": lambda head: ModelLevel(random_model(tiny, device, dtype), "tiny"),
     }
     rows = []
     for r in record["results"]:

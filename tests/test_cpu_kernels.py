@@ -205,6 +205,29 @@ def test_torch_compile_traces_the_operators(kernels):
             assert torch.equal(got, want)
 
 
+def test_compile_first_touch(kernels):
+    """A fresh process whose first use of the kernels is inside torch.compile(fullgraph=True): the
+    compiler runs available() (which loads the library) instead of tracing into it, and the model's
+    compiled forward calls the operators."""
+    code = """
+import torch
+from kernels import cpu
+from model import ModelArgs, Transformer
+model = Transformer(ModelArgs(block_size=16, vocab_size=64, n_layer=1, n_head=2, dim=64)).eval()
+model.setup_caches(1, 16)
+graphs = []
+def record(gm, example_inputs):
+    graphs.append(gm.code)
+    return gm.forward
+with torch.no_grad():
+    torch.compile(model, backend=record, fullgraph=True)(torch.tensor([[1, 2, 3]]), torch.arange(3))
+print("TRIED:", cpu._TRIED, "OPS:", "specqd_cpu.attention" in "".join(graphs))
+"""
+    r = _run(code)
+    assert r.returncode == 0, r.stderr
+    assert "TRIED: True OPS: True" in r.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # Arguments.
 

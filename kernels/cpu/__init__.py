@@ -46,8 +46,8 @@ run on the calling thread only.
 
 torch.compile: the functions are also the operators torch.ops.specqd_cpu.* (mxfp4_linear, int4_linear,
 bf16_linear, ..., with shape functions), and under compilation the wrappers below call those, so a
-model that uses them compiles with fullgraph=True. Call available() once before compiling: the first
-call builds or loads the library, which the compiler cannot trace.
+model that uses them compiles with fullgraph=True (the compiler runs available() once while tracing, so
+the library is built or loaded then).
 
 Build. On first use the sources here are compiled with torch.utils.cpp_extension.load (g++ or the
 compiler in $CXX, and ninja) into ~/.cache/specqd/cpu_kernels/<hash>/ ($SPECQD_CACHE_DIR or
@@ -220,6 +220,10 @@ def _ensure():
     return _EXT
 
 
+# torch.compile runs this once while tracing and keeps the answer as a constant: the first call builds
+# or loads the library, which the compiler could not trace, so a model compiled with fullgraph=True
+# before anything else touched the kernels would fail.
+@torch.compiler.assume_constant_result
 def available() -> bool:
     """Whether the kernels can run here (builds or loads them on the first call)."""
     return (_EXT if _TRIED else _ensure()) is not None

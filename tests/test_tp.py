@@ -9,6 +9,8 @@ compare that with the same computation in this (single) process:
   - seeded sampling (temperature 0.8, every rank's generator seeded alike) gives the same tokens on
     every rank and the same as one process with that seed;
   - every rank holds bit-identical logits (and, with gloo, bit-identical all-reduced hidden states);
+  - compiled (fullgraph) on 2 ranks: the collectives are inside the traced graphs, and compiled greedy
+    decoding gives the single-process tokens;
   - clear errors: heads / intermediate size / quantization blocks not divisible, already sharded,
     world size not that of the group, TP without torch.distributed.
 
@@ -38,6 +40,8 @@ VOCAB = 256
 PROMPT = [5, 17, 99, 3, 250, 17, 99, 42]
 NEW = 24
 TEMPERATURE, SEED = 0.8, 1234
+COMPILED = 2  # the world size that also runs compiled (inductor on the CPU takes a while)
+COLLECTIVES = ("all_reduce", "all_gather_into_tensor")
 
 CONFIGS = {
     2: dict(n_head=4, n_local_heads=2, dim=64, intermediate_size=128),
@@ -118,6 +122,29 @@ def decode_all(world: int, shard) -> dict:
     return out
 
 
+def compiled(world: int) -> dict:
+    """torch.compile (fullgraph, as ModelLevel compiles on CUDA) of the sharded target: which
+    collectives the traced graphs hold, and greedy decoding with compiled levels."""
+    t = tp.apply_tp(target(world))
+    draft = tp.apply_tp(quantize_model(target(world)))
+    graphs = []
+
+    def record(gm, example_inputs):  # a backend that keeps the traced code and runs it as it is
+        graphs.append(gm.code)
+        return gm.forward
+
+    t.setup_caches(1, 32)
+    torch.compile(t, backend=record, fullgraph=True, dynamic=False)(torch.tensor([PROMPT]), torch.arange(8))
+    code = "\n".join(graphs)
+    out = {"collectives": {op: code.count(f"_c10d_functional.{op}(") for op in COLLECTIVES}}
+    L = lambda m, name: ModelLevel(m, name, compile=True)  # noqa: E731
+    out["greedy 1 level"] = speculative_decode([L(t, "t")], torch.tensor(PROMPT), NEW)[0]
+    out["greedy mxfp4 sharded"] = speculative_decode(
+        [L(t, "t"), L(draft, "d")], torch.tensor(PROMPT), NEW, k=3
+    )[0]
+    return out
+
+
 def error_of(fn) -> str:
     try:
         fn()
@@ -178,6 +205,8 @@ def _worker(rank: int, world: int, folder: str):
     out["early cache"] = tuple(early.layers[0].attention.kv_cache.k_cache.shape)
     out["decode"] = decode_all(world, tp.apply_tp)
     out["errors"] = errors(world)
+    if world == COMPILED:
+        out["compiled"] = compiled(world)
     torch.save(out, f"{folder}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -244,6 +273,19 @@ def test_decoding_matches_one_process(ranks, world):
         for name, tokens in want.items():
             assert torch.equal(got["decode"][name], tokens), f"rank {r}: {name}"
     assert not torch.equal(want["sample AR"], greedy)  # the sampling tests do sample
+
+
+def test_compiled_step_holds_the_collectives(ranks):
+    """Under torch.compile the all-reduces (one after each attention and each feed-forward) and the
+    vocabulary-parallel head's all-gather are traced into the graphs, with no graph break
+    (fullgraph=True), and compiled decoding gives the single-process eager tokens on every rank."""
+    want = decode_all(COMPILED, lambda m: m)
+    layers = target(COMPILED).config.n_layer
+    for r, got in enumerate(ranks[COMPILED]):
+        c = got["compiled"]
+        assert c["collectives"] == {"all_reduce": 2 * layers, "all_gather_into_tensor": 1}
+        for name in ("greedy 1 level", "greedy mxfp4 sharded"):
+            assert torch.equal(c[name], want[name]), f"rank {r}: {name}"
 
 
 @pytest.mark.parametrize("world", WORLDS)

@@ -12,6 +12,20 @@ from torch import Tensor
 
 import sampling
 
+# Compiled levels (see ModelLevel._compiled and reset). Every level shares Transformer.forward's code
+# object, so each (model, T) pair is one of dynamo's cache entries for it: the default limit of 8 is
+# exhausted by one prompt of a two-level run (steps, verifications of each length, a tree), and under
+# fullgraph=True the next shape is a hard error. Levels x distinct T stay far below 256.
+COMPILE_MAX_TOKENS = 64
+CACHE_STEP = 256
+RECOMPILE_LIMIT = 256
+
+
+def _allow_recompiles(limit: int):
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    setattr(config, name, max(getattr(config, name), limit))
+
 
 class ModelLevel:
     """A Transformer as a decoding level: it owns its KV cache and a (compiled on CUDA) forward.
@@ -32,30 +46,44 @@ class ModelLevel:
         self._forward = model
         if self.compile:
             self._forward = torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            _allow_recompiles(RECOMPILE_LIMIT)
+
+    def _compiled(self, T: int, start_pos: int | None = None) -> bool:
+        """Whether a forward of T tokens takes the compiled path. Only decode-sized ones do: a
+        prefill (start_pos 0) or a forward longer than COMPILE_MAX_TOKENS runs eagerly, as gpt-fast's
+        prefill does. It is compute-bound, so launch overhead hardly counts there, and compiling it
+        would cost one compilation per prompt length."""
+        return self.compile and T <= COMPILE_MAX_TOKENS and start_pos != 0
 
     def reset(self, max_seq_length: int):
         """Fresh cache for a new sequence. Reallocates only when it must grow, so that captured CUDA
         graphs stay valid: stale entries from the last sequence are masked, never read."""
         if max_seq_length > self.max_seq_length:
+            if self.compile:  # new buffer shapes recompile every graph: grow in steps, not per prompt
+                step = CACHE_STEP
+                max_seq_length = min(-(-max_seq_length // step) * step, self.model.config.block_size)
             self.model.setup_caches(1, max_seq_length)
-            self.max_seq_length = max_seq_length  # new buffers: the compiled graphs' guards recompile
+            self.max_seq_length = max_seq_length
         # The modules holding caches, for move_kv (walking the whole model per tree round cost ~2 ms).
         self._caches = [m for m in self.model.modules() if hasattr(m, "k_cache") and hasattr(m, "v_cache")]
 
     @torch.no_grad()
     def forward(self, tokens: Tensor, start_pos: int) -> Tensor:
         pos = torch.arange(start_pos, start_pos + tokens.numel(), device=self.device)
-        logits = self._forward(tokens.view(1, -1), pos)
+        if not self._compiled(tokens.numel(), start_pos):
+            return self.model(tokens.view(1, -1), pos)[0].float()
         # Clone out of the CUDA graph's static output buffer before the next replay reuses it.
-        return logits[0].float().clone() if self.compile else logits[0].float()
+        return self._forward(tokens.view(1, -1), pos)[0].float().clone()
 
     @torch.no_grad()
     def forward_tree(self, tokens: Tensor, slots: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
         """A forward over tokens that need not form a sequence (a token tree): token t's key/value go to
         cache slot slots[t], it is rotated as position positions[t], and it attends to the slots that
         mask[t] (bool [T, max_seq_length]) allows. Returns float32 logits [T, vocab]."""
-        logits = self._forward(tokens.view(1, -1), slots, mask, positions)
-        return logits[0].float().clone() if self.compile else logits[0].float()
+        args = (tokens.view(1, -1), slots, mask, positions)
+        if not self._compiled(tokens.numel()):
+            return self.model(*args)[0].float()
+        return self._forward(*args)[0].float().clone()
 
     @torch.no_grad()
     def move_kv(self, src: Tensor, dst: Tensor):

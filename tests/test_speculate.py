@@ -27,6 +27,7 @@ from speculate import (
     ModelLevel,
     NgramProposer,
     Speculation,
+    TreeShape,
     acceptance_prob,
     autoregressive_decode,
     format_stats,
@@ -468,6 +469,30 @@ def test_one_level_is_autoregressive_decoding():
             [t], torch.tensor(prompt), 15, temperature=1.0, generator=torch.Generator().manual_seed(3)
         )
         assert out.tolist() == ref.tolist()
+
+
+def test_compiled_levels_over_many_prompts():
+    """ModelLevel(compile=True), the default on CUDA, here with inductor on the CPU: three levels over
+    prompts of 8 lengths, drafting sequences and trees, give the eager levels' tokens. Every level
+    shares Transformer.forward's code object, and compiling each prompt length (or a small recompile
+    limit under fullgraph=True) used to stop such a run with a hard error by the second prompt. Prefills
+    run eagerly, so the compiled graphs are the decode-sized shapes only, and do not grow per prompt."""
+    from torch._dynamo.utils import counters
+
+    models = [tiny_model(0), _noisy(tiny_model(0), 0.05), tiny_model(2, n_layer=2)]
+    eager = [ModelLevel(m, f"e{i}", compile=False) for i, m in enumerate(models)]
+    # Copies: a level owns its model's cache, and the two stacks size theirs differently.
+    compiled = [ModelLevel(copy.deepcopy(m), f"c{i}", compile=True) for i, m in enumerate(models)]
+    runs = [dict(k=[4, 2]), dict(k=[3, 2], trees=[None, TreeShape(nodes=4, topk=2)])]
+    graphs = []
+    for n in (5, 7, 9, 12, 15, 18, 21, 24):
+        prompt = torch.tensor((PROMPT * 5)[:n])
+        for kw in runs:
+            want = speculative_decode(eager, prompt, 12, **kw)[0]
+            assert torch.equal(speculative_decode(compiled, prompt, 12, **kw)[0], want), (n, kw)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[-1] == graphs[2], graphs  # compiled, and no graph per prompt
+    assert compiled[0].max_seq_length == models[0].config.block_size  # grown in steps, within context
 
 
 def test_deterministic_for_a_generator():

@@ -13,8 +13,8 @@ from torch import Tensor
 import sampling
 
 # Compiled levels (see ModelLevel._compiled and reset). Every level shares Transformer.forward's code
-# object, so each (model, T) pair is one of dynamo's cache entries for it: the default limit of 8 is
-# exhausted by one prompt of a two-level run (steps, verifications of each length, a tree), and under
+# object, so each (model, T) pair is one of dynamo's cache entries for it: the default limit of 8 was
+# exhausted within two prompts of a two-level run (steps, verifications of each length, trees), and under
 # fullgraph=True the next shape is a hard error. Levels x distinct T stay far below 256.
 COMPILE_MAX_TOKENS = 64
 CACHE_STEP = 256

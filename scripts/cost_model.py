@@ -108,13 +108,13 @@ def measured_acceptance(bench_row: dict, ks: list[int]) -> list[float]:
     return [acceptance_from_mean_length(lv["mean_accepted_length"], k) for lv, k in zip(levels, ks)]
 
 
-def latencies(levels, ks) -> tuple[list[float], list[float]]:
-    step = [time_forward(lv, 1) for lv in levels]
-    verify = [time_forward(lv, k + 1) for lv, k in zip(levels, ks)]
+def latencies(levels, ks, timer=time_forward) -> tuple[list[float], list[float]]:
+    step = [timer(lv, 1) for lv in levels]
+    verify = [timer(lv, k + 1) for lv, k in zip(levels, ks)]
     return step, verify
 
 
-def tree_terms(levels, r: dict, ks: list[int], verify: list[float]):
+def tree_terms(levels, r: dict, ks: list[int], verify: list[float], timer=time_forward):
     """For a record row whose last level drafts trees: (emitted, drafting) for expected_speedup, with
     verify[-1] replaced in place by the verifier's forward over a tree of the measured mean size. The
     drafter grows a tree with one forward per depth: the first over one token, the others over topk
@@ -123,10 +123,10 @@ def tree_terms(levels, r: dict, ks: list[int], verify: list[float]):
     emitted, drafting = [None] * (n + 1), [None] * (n + 1)
     last = r["all"]["levels"][-1]
     nodes = max(1, round(last["mean_tree_nodes"]))
-    verify[n - 1] = time_forward(levels[n - 1], nodes + 1)
+    verify[n - 1] = timer(levels[n - 1], nodes + 1)
     depth = ks[-1]
     drafter = levels[n]
-    drafting[n - 1] = time_forward(drafter, 1) + (depth - 1) * time_forward(drafter, r["tree"]["topk"])
+    drafting[n - 1] = timer(drafter, 1) + (depth - 1) * timer(drafter, r["tree"]["topk"])
     emitted[n - 1] = last["mean_accepted_length"]
     return emitted, drafting
 
@@ -166,25 +166,39 @@ def project(record: dict, target: str, tiny: str, device, dtype) -> list[dict]:
     from speculate import ModelLevel, NgramProposer
 
     big = random_model(target, device, dtype)
-    made = {
-        "mxfp4": lambda head: ModelLevel(quantize_model(big, quantize_output=head), "mxfp4"),
-        "tiny": lambda head: ModelLevel(random_model(tiny, device, dtype), "tiny"),
-    }
+    # One level per model for all rows, each forward length timed once: on CUDA a level compiles
+    # every forward length it is given (minutes for an 8B model over all rows otherwise).
+    made, times = {"target": ModelLevel(big, "target")}, {}
+
+    def level_of(kind: str, head: bool):
+        if kind == "ngram":
+            return NgramProposer()
+        key = (kind, head) if kind == "mxfp4" else kind
+        if key not in made:
+            made[key] = (
+                ModelLevel(quantize_model(big, quantize_output=head), "mxfp4")
+                if kind == "mxfp4"
+                else ModelLevel(random_model(tiny, device, dtype), "tiny")
+            )
+        return made[key]
+
+    def timer(level, tokens: int) -> float:
+        if (level, tokens) not in times:  # keyed by the object (kept alive), not a reusable id
+            times[level, tokens] = time_forward(level, tokens)
+        return times[level, tokens]
+
     rows = []
     for r in record["results"]:
         drafts = [tuple(d[:2]) for d in r["drafts"]]
         if not drafts:
             continue
         ks = [k for _, k in drafts]
-        levels = [ModelLevel(big, "target")] + [
-            NgramProposer() if kind == "ngram" else made[kind]("head kept" not in r["config"])
-            for kind, _ in drafts
-        ]
-        step, verify = latencies(levels, ks)
+        levels = [made["target"]] + [level_of(kind, "head kept" not in r["config"]) for kind, _ in drafts]
+        step, verify = latencies(levels, ks, timer)
         accept = measured_acceptance(r, ks)
         emitted = drafting = None
         if r.get("tree"):
-            emitted, drafting = tree_terms(levels, r, ks, verify)
+            emitted, drafting = tree_terms(levels, r, ks, verify, timer)
         rows.append(
             dict(
                 config=r["config"], temperature=r["temperature"], k=ks, accept=accept,

@@ -471,18 +471,23 @@ def test_one_level_is_autoregressive_decoding():
         assert out.tolist() == ref.tolist()
 
 
-def test_compiled_levels_over_many_prompts():
-    """ModelLevel(compile=True), the default on CUDA, here with inductor on the CPU: three levels over
-    prompts of 8 lengths, drafting sequences and trees, give the eager levels' tokens. Every level
-    shares Transformer.forward's code object, and compiling each prompt length (or a small recompile
-    limit under fullgraph=True) used to stop such a run with a hard error by the second prompt. Prefills
-    run eagerly, so the compiled graphs are the decode-sized shapes only, and do not grow per prompt."""
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))],
+)
+def test_compiled_levels_over_many_prompts(device):
+    """ModelLevel(compile=True), the default on CUDA (CUDA graphs there, inductor alone on the CPU):
+    three levels over prompts of 8 lengths, drafting sequences and trees, give the eager levels'
+    tokens. Every level shares Transformer.forward's code object, and compiling each prompt length (or
+    a small recompile limit under fullgraph=True) used to stop such a run with a hard error by the
+    second prompt. Prefills run eagerly, so the compiled graphs are the decode-sized shapes only, and
+    do not grow per prompt."""
     from torch._dynamo.utils import counters
 
     models = [tiny_model(0), _noisy(tiny_model(0), 0.05), tiny_model(2, n_layer=2)]
-    eager = [ModelLevel(m, f"e{i}", compile=False) for i, m in enumerate(models)]
     # Copies: a level owns its model's cache, and the two stacks size theirs differently.
-    compiled = [ModelLevel(copy.deepcopy(m), f"c{i}", compile=True) for i, m in enumerate(models)]
+    eager = [ModelLevel(copy.deepcopy(m).to(device), f"e{i}", compile=False) for i, m in enumerate(models)]
+    compiled = [ModelLevel(copy.deepcopy(m).to(device), f"c{i}", compile=True) for i, m in enumerate(models)]
     runs = [dict(k=[4, 2]), dict(k=[3, 2], trees=[None, TreeShape(nodes=4, topk=2)])]
     graphs = []
     for n in (5, 7, 9, 12, 15, 18, 21, 24):

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# What this project still owes a GPU, as one prepared run per part, for a session lent a GPU for a few
+# minutes (the device tool: one command of at most 10 minutes, 15 minutes of device time in all).
+#
+#   bash scripts/gpu_check.sh 1     # ~8 min: Triton kernels on this torch/triton, compiled decoding,
+#                                   #   issue 8's layer-shard timings and the TP projection from them
+#   bash scripts/gpu_check.sh 2     # ~8 min: bench_decode, cost_model --project, bench_verify, kernels
+#
+# Every step runs under its own time limit, so one slow compilation cannot take the others down; a
+# step that runs out says so and the next one starts. Results and one log go to $OUT (the device tool's
+# folder that comes back) or results/gpu: one .tgz of everything plus the log, since the tool returns
+# at most 8 files. Random weights at real shapes (Llama-3.1-8B, -3.2-1B, -3.1-70B shards), as
+# gpt-fast benchmarks: the embedded model cannot travel there.
+set -u
+part=${1:-1}
+OUT=${OUT:-results/gpu}
+WORK=$(mktemp -d)
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check_part$part.log"
+: >"$LOG"
+
+step() {  # step NAME SECONDS COMMAND...: run it, log it, never stop the script
+    local name=$1 limit=$2 t0=$SECONDS rc
+    shift 2
+    echo ">>> $name (limit ${limit}s): $*" | tee -a "$LOG"
+    timeout --kill-after=10 "$limit" "$@" >"$WORK/$name.log" 2>&1
+    rc=$?
+    cat "$WORK/$name.log" >>"$LOG"
+    [ $rc -ne 0 ] && tail -n 15 "$WORK/$name.log"
+    [ $rc -eq 124 ] && echo ">>> $name ran out of its ${limit}s" | tee -a "$LOG"
+    echo ">>> $name rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
+}
+
+step env 30 bash -c "nvidia-smi -L; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'"
+
+case $part in
+1)
+    # The real Triton kernels (CI only runs them under the interpreter), on this torch and triton.
+    step kernels 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_mxfp4.py tests/test_int4.py
+    # Compiled levels on CUDA (CUDA graphs): the speculation suite's compiled test runs there too.
+    step compiled 120 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_speculate.py -k compiled
+    # Issue 8: single-GPU times of 70B layer shards at TP widths 1-8, then the projection from them.
+    step tp_measure 200 "$PY" scripts/tp_projection.py --measure --device cuda --widths 1,2,4,8 \
+        --formats bf16,mxfp4,int4 --layers 4 --iters 50 --out "$WORK/tp_shard"
+    step tp_project 30 "$PY" scripts/tp_projection.py --measured-shard-ms "$WORK/tp_shard.json" \
+        --out "$WORK/tp_projection_measured"
+    ;;
+2)
+    step bench_decode 150 "$PY" scripts/bench_decode.py --models llama-3.2-1b,llama-3.1-8b \
+        --out "$WORK/bench_decode.json"
+    step cost_model 150 "$PY" scripts/cost_model.py --bench results/cpu_smollm2_trees.json \
+        --project llama-3.1-8b --device cuda --out "$WORK/projection"
+    # 4 of the 8B's 32 layers: every (format, T) is a compiled graph, and the per-layer cost is the point.
+    step bench_verify 120 "$PY" scripts/bench_verify.py --layers 4 --out "$WORK/bench_verify.json"
+    step bench_kernels 60 "$PY" scripts/bench_kernels.py --check --out "$WORK/bench_kernels.json"
+    ;;
+*)
+    echo "usage: $0 1|2" >&2
+    exit 2
+    ;;
+esac
+
+tar czf "$OUT/gpu_check_part$part.tgz" -C "$WORK" . && echo "results: $OUT/gpu_check_part$part.tgz" | tee -a "$LOG"
+grep "^>>> " "$LOG"  # the summary: every step, its exit status and time

@@ -5,6 +5,11 @@
 #   bash scripts/gpu_check.sh 1     # ~8 min: Triton kernels on this torch/triton, compiled decoding,
 #                                   #   issue 8's layer-shard timings and the TP projection from them
 #   bash scripts/gpu_check.sh 2     # ~8 min: bench_decode, cost_model --project, bench_verify, kernels
+#   bash scripts/gpu_check.sh 3     # ~8 min: gpt-fast's own decode loop beside our bench_decode, in one
+#                                   #   run (the anchor of ../shared/NOTES.md); the device call must
+#                                   #   carry the ignored folder anchors/, prepared here beforehand:
+#       mkdir -p anchors/gptfast && cp ../shared/anchors/bench_gptfast.py anchors/
+#       (fetch meta-pytorch/gpt-fast; copy its model.py generate.py quantize.py tokenizer.py to anchors/gptfast/)
 #
 # Every step runs under its own time limit, so one slow compilation cannot take the others down; a
 # step that runs out says so and the next one starts. Results and one log go to $OUT (the device tool's
@@ -56,8 +61,13 @@ case $part in
     step bench_verify 120 "$PY" scripts/bench_verify.py --layers 4 --out "$WORK/bench_verify.json"
     step bench_kernels 60 "$PY" scripts/bench_kernels.py --check --out "$WORK/bench_kernels.json"
     ;;
+3)
+    step gptfast_anchor 330 env RESULTS_DIR="$WORK" "$PY" anchors/bench_gptfast.py
+    step bench_decode 150 "$PY" scripts/bench_decode.py --models llama-3.2-1b,llama-3.1-8b \
+        --out "$WORK/bench_decode.json"
+    ;;
 *)
-    echo "usage: $0 1|2" >&2
+    echo "usage: $0 1|2|3" >&2
     exit 2
     ;;
 esac

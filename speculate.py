@@ -15,16 +15,24 @@ import sampling
 # Compiled levels (see ModelLevel._compiled and reset). Every level shares Transformer.forward's code
 # object, so each (model, T) pair is one of dynamo's cache entries for it: the default limit of 8 was
 # exhausted within two prompts of a two-level run (steps, verifications of each length, trees), and under
-# fullgraph=True the next shape is a hard error. Levels x distinct T stay far below 256.
+# fullgraph=True the next shape is a hard error. Levels x distinct T stay far below 256 entries; every
+# cache growth compiles them all again (new buffer shapes), which doubling keeps to a few growths over
+# a run, within dynamo's accumulated limit once that is raised alike.
 COMPILE_MAX_TOKENS = 64
-CACHE_STEP = 256
+MIN_COMPILED_CACHE = 256
 RECOMPILE_LIMIT = 256
 
 
 def _allow_recompiles(limit: int):
     config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
-    setattr(config, name, max(getattr(config, name), limit))
+    # recompile_limit was cache_size_limit before torch 2.7; accumulated_recompile_limit likewise.
+    for names, value in (
+        (("recompile_limit", "cache_size_limit"), limit),
+        (("accumulated_recompile_limit", "accumulated_cache_size_limit"), 8 * limit),
+    ):
+        name = next((n for n in names if hasattr(config, n)), None)
+        if name is not None:
+            setattr(config, name, max(getattr(config, name), value))
 
 
 class ModelLevel:
@@ -59,9 +67,9 @@ class ModelLevel:
         """Fresh cache for a new sequence. Reallocates only when it must grow, so that captured CUDA
         graphs stay valid: stale entries from the last sequence are masked, never read."""
         if max_seq_length > self.max_seq_length:
-            if self.compile:  # new buffer shapes recompile every graph: grow in steps, not per prompt
-                step = CACHE_STEP
-                max_seq_length = min(-(-max_seq_length // step) * step, self.model.config.block_size)
+            if self.compile:  # new buffer shapes recompile every graph: grow by doubling, not per prompt
+                size = max(MIN_COMPILED_CACHE, 1 << (max_seq_length - 1).bit_length())
+                max_seq_length = min(size, self.model.config.block_size)
             self.model.setup_caches(1, max_seq_length)
             self.max_seq_length = max_seq_length
         # The modules holding caches, for move_kv (walking the whole model per tree round cost ~2 ms).

@@ -47,12 +47,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @functools.cache
-def tiny_model(seed: int, vocab: int = 6, n_layer: int = 1, dim: int = 16, scale: float = 3.0) -> Transformer:
+def tiny_model(
+    seed: int, vocab: int = 6, n_layer: int = 1, dim: int = 16, scale: float = 3.0, block_size: int = 64
+) -> Transformer:
     """A random float64 Llama. The output head is scaled up so that distributions are far from uniform
     (and differ a lot between seeds)."""
     torch.manual_seed(seed)
     args = ModelArgs(
-        block_size=64, vocab_size=vocab, n_layer=n_layer, n_head=2, dim=dim, intermediate_size=32
+        block_size=block_size, vocab_size=vocab, n_layer=n_layer, n_head=2, dim=dim, intermediate_size=32
     )
     model = Transformer(args).double().eval()
     with torch.no_grad():
@@ -476,28 +478,37 @@ def test_one_level_is_autoregressive_decoding():
     ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))],
 )
 def test_compiled_levels_over_many_prompts(device):
-    """ModelLevel(compile=True), the default on CUDA (CUDA graphs there, inductor alone on the CPU):
-    three levels over prompts of 8 lengths, drafting sequences and trees, give the eager levels'
-    tokens. Every level shares Transformer.forward's code object, and compiling each prompt length (or
-    a small recompile limit under fullgraph=True) used to stop such a run with a hard error by the
-    second prompt. Prefills run eagerly, so the compiled graphs are the decode-sized shapes only, and
-    do not grow per prompt."""
+    """ModelLevel(compile=True), the default on CUDA (CUDA graphs there, inductor alone on the CPU): a
+    float32 target, its MXFP4 cast and a small model, over prompts of 8 lengths and then one long
+    enough to grow the caches, drafting sequences and trees, give the eager levels' tokens. Every level
+    shares Transformer.forward's code object, and compiling each prompt length (or a small recompile
+    limit under fullgraph=True) used to stop such a run with a hard error by the second prompt.
+    Prefills run eagerly, so the compiled graphs are the decode-sized shapes only: they do not grow per
+    prompt, only (all at once) when a cache doubles."""
     from torch._dynamo.utils import counters
 
-    models = [tiny_model(0), _noisy(tiny_model(0), 0.05), tiny_model(2, n_layer=2)]
+    from mxfp4 import quantize_model
+
+    target = copy.deepcopy(tiny_model(0, dim=64, block_size=1024)).float()
+    models = [
+        target,
+        quantize_model(target),
+        copy.deepcopy(tiny_model(2, n_layer=2, block_size=1024)).float(),
+    ]
     # Copies: a level owns its model's cache, and the two stacks size theirs differently.
     eager = [ModelLevel(copy.deepcopy(m).to(device), f"e{i}", compile=False) for i, m in enumerate(models)]
     compiled = [ModelLevel(copy.deepcopy(m).to(device), f"c{i}", compile=True) for i, m in enumerate(models)]
     runs = [dict(k=[4, 2]), dict(k=[3, 2], trees=[None, TreeShape(nodes=4, topk=2)])]
     graphs = []
-    for n in (5, 7, 9, 12, 15, 18, 21, 24):
-        prompt = torch.tensor((PROMPT * 5)[:n])
+    for n in (5, 7, 9, 12, 15, 18, 21, 24, 300):
+        prompt = torch.tensor((PROMPT * 60)[:n])
         for kw in runs:
             want = speculative_decode(eager, prompt, 12, **kw)[0]
             assert torch.equal(speculative_decode(compiled, prompt, 12, **kw)[0], want), (n, kw)
         graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs[0] > 0 and graphs[-1] == graphs[2], graphs  # compiled, and no graph per prompt
-    assert compiled[0].max_seq_length == models[0].config.block_size  # grown in steps, within context
+        sizes = {level.max_seq_length for level in compiled}
+        assert sizes == ({512} if n == 300 else {256}), (n, sizes)  # doubled from 256, not per prompt
+    assert graphs[0] > 0 and graphs[7] == graphs[2], graphs  # compiled, and no graph per prompt
 
 
 def test_deterministic_for_a_generator():

@@ -12,7 +12,9 @@ T = 1, 2, 4, ..., 64, in bf16, MXFP4 and int4 (random weights at a real shape, a
     python scripts/bench_verify.py --device cpu --preset smollm2-135m
 
 --layers N keeps only N of the preset's layers (the full 8B does not fit three formats in a CPU's RAM);
-the per-layer cost is what matters, and the table says how many layers were timed. Prints a markdown
+the per-layer cost is what matters, and the table says how many layers were timed. With few layers
+the output head (128256 x 4096 for Llama-3) weighs as much as several of them: --no-head leaves it out,
+so that the curve is the layers' alone. Prints a markdown
 table (ms per forward, and the ratio to T = 1), writes JSON and a PNG next to --out.
 """
 
@@ -86,7 +88,8 @@ def plot(record, path: Path):
     ax2.axhline(1.5, color="grey", ls=":", lw=1)
     layers = record["layers"]
     fig.suptitle(
-        f"{record['preset']} ({layers} layers), {record['device_name']}: cost of verifying T tokens"
+        f"{record['preset']} ({layers} layers{'' if record.get('head', True) else ', no head'}),"
+        f" {record['device_name']}: cost of verifying T tokens"
         f" after {record['context']} cached"
     )
     fig.tight_layout()
@@ -103,6 +106,7 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=512, help="tokens in the KV cache before the forward")
     p.add_argument("--repeats", type=int, default=None, help="timed forwards per T (default 20 GPU, 5 CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--no-head", action="store_true", help="time the layers only (no output head)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (PNG beside it)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -110,9 +114,12 @@ def main(argv=None):
     repeats = a.repeats or (20 if device.type == "cuda" else 5)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
     base = random_model(a.preset, device, torch.bfloat16, layers=a.layers)
+    if a.no_head:  # the forward then returns the final hidden states: [T, dim] instead of logits
+        base.output = torch.nn.Identity()
     record = dict(
-        preset=a.preset, layers=base.config.n_layer, device=str(device), device_name=device_name,
-        machine=platform.node(), torch=torch.__version__, context=a.context, repeats=repeats, results={},
+        preset=a.preset, layers=base.config.n_layer, head=not a.no_head, device=str(device),
+        device_name=device_name, machine=platform.node(), torch=torch.__version__, context=a.context,
+        repeats=repeats, results={},
     )  # fmt: skip
     for fmt in a.formats.split(","):
         model = base if fmt == "bf16" else cast(base, fmt)
@@ -120,7 +127,8 @@ def main(argv=None):
         record["results"][fmt] = dict(weight_GB=weight_bytes(model) / 1e9, ms=ms)
         print(f"{fmt}: " + " ".join(f"T={t} {v:.2f} ms" for t, v in ms.items()), file=sys.stderr, flush=True)
         del model
-    print(f"\n{a.preset}, {base.config.n_layer} layers, {device_name}, context {a.context}\n")
+    head = "" if record["head"] else " (no output head)"
+    print(f"\n{a.preset}, {base.config.n_layer} layers{head}, {device_name}, context {a.context}\n")
     fmts = list(record["results"])
     print("| T | " + " | ".join(f"{f} ms | {f} x T=1" for f in fmts) + " |")
     print("|---:|" + "---:|---:|" * len(fmts))

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # What this project still owes a GPU, as one prepared run per part, for a session lent a GPU for a few
-# minutes (the device tool: one command of at most 10 minutes, 15 minutes of device time in all).
+# minutes (the device tool: one command of at most 10 minutes, 15 minutes of device time in all, the
+# machine's start included: about one part per session, so run them in order over sessions).
 #
-#   bash scripts/gpu_check.sh 1     # ~8 min: Triton kernels on this torch/triton, compiled decoding,
+#   bash scripts/gpu_check.sh 1     # ~9 min: Triton kernels on this torch/triton, compiled decoding,
 #                                   #   issue 8's layer-shard timings and the TP projection from them
-#   bash scripts/gpu_check.sh 2     # ~8 min: bench_decode, cost_model --project, bench_verify, kernels
-#   bash scripts/gpu_check.sh 3     # ~8 min: gpt-fast's own decode loop beside our bench_decode, in one
+#   bash scripts/gpu_check.sh 2     # ~8 min: bench_decode, bench_verify, bench_kernels
+#   bash scripts/gpu_check.sh 3     # ~8 min: cost_model --project at Llama-3.1-8B (compiles the 8B
+#                                   #   target and its MXFP4 cast for every forward length it times)
+#   bash scripts/gpu_check.sh 4     # ~8 min: gpt-fast's own decode loop beside our bench_decode, in one
 #                                   #   run (the anchor of ../shared/NOTES.md); the device call must
 #                                   #   carry the ignored folder anchors/, prepared here beforehand:
 #       mkdir -p anchors/gptfast && cp ../shared/anchors/bench_gptfast.py anchors/
@@ -38,14 +41,17 @@ step() {  # step NAME SECONDS COMMAND...: run it, log it, never stop the script
     echo ">>> $name rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
 }
 
-step env 30 bash -c "nvidia-smi -L; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'"
+step env 20 bash -c "nvidia-smi -L; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'"
 
 case $part in
 1)
-    # The real Triton kernels (CI only runs them under the interpreter), on this torch and triton.
-    step kernels 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_mxfp4.py tests/test_int4.py
+    # The real Triton kernels (CI only runs them under the interpreter), on this torch and triton. The
+    # tests' conftest turns the interpreter on unless told otherwise, and then they would pick the CPU.
+    step kernels 120 env TRITON_INTERPRET=0 "$PY" -m pytest -q -x -p no:cacheprovider \
+        tests/test_mxfp4.py tests/test_int4.py
     # Compiled levels on CUDA (CUDA graphs): the speculation suite's compiled test runs there too.
-    step compiled 120 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_speculate.py -k compiled
+    step compiled 140 env TRITON_INTERPRET=0 "$PY" -m pytest -q -x -p no:cacheprovider \
+        tests/test_speculate.py -k compiled
     # Issue 8: single-GPU times of 70B layer shards at TP widths 1-8, then the projection from them.
     step tp_measure 200 "$PY" scripts/tp_projection.py --measure --device cuda --widths 1,2,4,8 \
         --formats bf16,mxfp4,int4 --layers 4 --iters 50 --out "$WORK/tp_shard"
@@ -55,19 +61,23 @@ case $part in
 2)
     step bench_decode 150 "$PY" scripts/bench_decode.py --models llama-3.2-1b,llama-3.1-8b \
         --out "$WORK/bench_decode.json"
-    step cost_model 150 "$PY" scripts/cost_model.py --bench results/cpu_smollm2_trees.json \
-        --project llama-3.1-8b --device cuda --out "$WORK/projection"
-    # 4 of the 8B's 32 layers: every (format, T) is a compiled graph, and the per-layer cost is the point.
-    step bench_verify 120 "$PY" scripts/bench_verify.py --layers 4 --out "$WORK/bench_verify.json"
-    step bench_kernels 60 "$PY" scripts/bench_kernels.py --check --out "$WORK/bench_kernels.json"
+    # 4 of the 8B's 32 layers without the head (which would weigh as much as 2.4 of them): every
+    # (format, T) is a compiled graph, and the per-layer cost is the point.
+    step bench_verify 180 "$PY" scripts/bench_verify.py --layers 4 --no-head --out "$WORK/bench_verify.json"
+    step bench_kernels 150 "$PY" scripts/bench_kernels.py --check --rep 50 --m 1,4,16 \
+        --out "$WORK/bench_kernels.json"
     ;;
 3)
+    step cost_model 500 "$PY" scripts/cost_model.py --bench results/cpu_smollm2_trees.json \
+        --project llama-3.1-8b --device cuda --out "$WORK/projection"
+    ;;
+4)
     step gptfast_anchor 330 env RESULTS_DIR="$WORK" "$PY" anchors/bench_gptfast.py
     step bench_decode 150 "$PY" scripts/bench_decode.py --models llama-3.2-1b,llama-3.1-8b \
         --out "$WORK/bench_decode.json"
     ;;
 *)
-    echo "usage: $0 1|2|3" >&2
+    echo "usage: $0 1|2|3|4" >&2
     exit 2
     ;;
 esac

@@ -43,13 +43,13 @@ import triton.language as tl
 
 from kernels.mxfp4_triton import (
     _INTERPRET,
-    _OPAQUE_OP,
     KERNEL_DTYPES,
     Config,
     _sm_count,
     _split_k,
-    _sum_splits_kernel,
+    _sum_splits,
     _traceable,
+    register_op,
 )
 
 __all__ = ["KERNEL_DTYPES", "Config", "int4_linear", "launch", "pick_config"]
@@ -250,26 +250,14 @@ def launch(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, config: C
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    if split > 1:
-        block = 1024
-        _traceable(_sum_splits_kernel)[(triton.cdiv(m * n, block),)](
-            target, out, m * n, SPLIT_K=split, BLOCK=block, num_warps=4
-        )
-    return out
+    return _sum_splits(target, out, split)
 
 
 def _int4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return launch(x, codes, scales)
 
 
-if _OPAQUE_OP:
-    int4_linear = torch.library.custom_op("specqd::int4_linear", _int4_linear, mutates_args=())
-
-    @int4_linear.register_fake
-    def _(x, codes, scales):
-        return x.new_empty((x.shape[0], codes.shape[0]))
-else:
-    int4_linear = torch.library.triton_op("specqd::int4_linear", _int4_linear, mutates_args=())
+int4_linear = register_op("int4_linear", _int4_linear)
 
 int4_linear.__doc__ = """y [M, N] = x [M, K] @ W.T, W given as int4 codes [N, K/2] and bf16/fp16 scales
 [N, K/G]; y has x's dtype (bf16, fp16 or fp32), accumulated in fp32."""

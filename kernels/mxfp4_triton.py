@@ -303,26 +303,40 @@ def launch(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, config: C
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    if split > 1:
-        block = 1024
-        _traceable(_sum_splits_kernel)[(triton.cdiv(m * n, block),)](
-            target, out, m * n, SPLIT_K=split, BLOCK=block, num_warps=4
-        )
-    return out
+    return _sum_splits(target, out, split)
 
 
 def _mxfp4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return launch(x, codes, scales)
 
 
-if _OPAQUE_OP:
-    mxfp4_linear = torch.library.custom_op("specqd::mxfp4_linear", _mxfp4_linear, mutates_args=())
+def _sum_splits(target: torch.Tensor, out: torch.Tensor, split: int) -> torch.Tensor:
+    """out = the sum of split-K's fp32 partial products target [split, M, N] (target is out itself when
+    split is 1). Shared with int4_triton.py."""
+    if split > 1:
+        block = 1024
+        _traceable(_sum_splits_kernel)[(triton.cdiv(out.numel(), block),)](
+            target, out, out.numel(), SPLIT_K=split, BLOCK=block, num_warps=4
+        )
+    return out
 
-    @mxfp4_linear.register_fake
+
+def register_op(name: str, fn):
+    """fn(x, codes, scales) -> y [M, N] as the operator specqd::name (see the module docstring): a
+    triton_op, or an opaque custom_op with a shape-only fake under the interpreter or
+    SPECQD_MXFP4_CUSTOM_OP=1. Shared with int4_triton.py."""
+    if not _OPAQUE_OP:
+        return torch.library.triton_op(f"specqd::{name}", fn, mutates_args=())
+    op = torch.library.custom_op(f"specqd::{name}", fn, mutates_args=())
+
+    @op.register_fake
     def _(x, codes, scales):
         return x.new_empty((x.shape[0], codes.shape[0]))
-else:
-    mxfp4_linear = torch.library.triton_op("specqd::mxfp4_linear", _mxfp4_linear, mutates_args=())
+
+    return op
+
+
+mxfp4_linear = register_op("mxfp4_linear", _mxfp4_linear)
 
 mxfp4_linear.__doc__ = """y [M, N] = x [M, K] @ W.T, W given as MXFP4 codes [N, K/2] and scales [N, K/32];
 y has x's dtype (bf16, fp16 or fp32), accumulated in fp32."""

@@ -75,23 +75,24 @@ class ModelLevel:
         # The modules holding caches, for move_kv (walking the whole model per tree round cost ~2 ms).
         self._caches = [m for m in self.model.modules() if hasattr(m, "k_cache") and hasattr(m, "v_cache")]
 
+    def _run(self, args: tuple, start_pos: int | None = None) -> Tensor:
+        """The model on args (tokens [1, T] first), compiled or eager (see _compiled): float32 [T, V]."""
+        if not self._compiled(args[0].shape[1], start_pos):
+            return self.model(*args)[0].float()
+        # Clone out of the CUDA graph's static output buffer before the next replay reuses it.
+        return self._forward(*args)[0].float().clone()
+
     @torch.no_grad()
     def forward(self, tokens: Tensor, start_pos: int) -> Tensor:
         pos = torch.arange(start_pos, start_pos + tokens.numel(), device=self.device)
-        if not self._compiled(tokens.numel(), start_pos):
-            return self.model(tokens.view(1, -1), pos)[0].float()
-        # Clone out of the CUDA graph's static output buffer before the next replay reuses it.
-        return self._forward(tokens.view(1, -1), pos)[0].float().clone()
+        return self._run((tokens.view(1, -1), pos), start_pos)
 
     @torch.no_grad()
     def forward_tree(self, tokens: Tensor, slots: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
         """A forward over tokens that need not form a sequence (a token tree): token t's key/value go to
         cache slot slots[t], it is rotated as position positions[t], and it attends to the slots that
         mask[t] (bool [T, max_seq_length]) allows. Returns float32 logits [T, vocab]."""
-        args = (tokens.view(1, -1), slots, mask, positions)
-        if not self._compiled(tokens.numel()):
-            return self.model(*args)[0].float()
-        return self._forward(*args)[0].float().clone()
+        return self._run((tokens.view(1, -1), slots, mask, positions))
 
     @torch.no_grad()
     def move_kv(self, src: Tensor, dst: Tensor):

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from kernels import cpu as cpu_kernels
 from model import ModelArgs, Transformer
 
 
@@ -82,7 +81,6 @@ def build_model(args: ModelArgs, state_dict: dict, device="cpu", dtype=torch.flo
     model.load_state_dict(state_dict, assign=True, strict=False)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    cpu_kernels.use_bf16_kernel(model)  # bf16 on the CPU: our kernel (torch's bf16 GEMV is slow there)
     return model.eval().requires_grad_(False)
 
 

@@ -14,8 +14,12 @@ A draft is `mxfp4` or `int4` (the level above, before any --target-quant, cast t
 path, or `none`; `KIND@mxfp4` / `KIND@int4` casts that draft itself (e.g. `tiny@mxfp4`). In --levels an
 entry kind:k:tree makes that level draft token trees k deep (--tree-nodes, --tree-topk), as --tree and
 --tree2 do for --draft and --draft2; under torchrun, kind:k:shard or kind:k:replicate places that
-draft (default: mxfp4/int4 sharded, others replicated). No decoding logic lives here: that is
-speculate.py's job.
+draft (default: mxfp4/int4 sharded, others replicated). --draft/--k/--draft2/--k2/--tree/--tree2 are
+shorthand for --levels. --show colours each token by the level that produced it.
+
+The target runs with kernel-backed twins of model.py's modules where the CPU or GPU has them
+(accel.py; the first line printed says so); --no-kernels runs model.py exactly as written. No
+decoding logic lives here: that is speculate.py's job, and building the levels is levels.py's.
 """
 
 import argparse
@@ -25,19 +29,12 @@ import sys
 import torch
 
 import tp
+from accel import accelerate
 from checkpoint import CheckpointError, load_model
-from kernels import cpu as cpu_kernels
+from levels import DTYPES, build_levels, default_dtype, parse_levels, shard_levels, shorthand, tree_shape
 from model import weight_bytes
-from speculate import (
-    ModelLevel,
-    NgramProposer,
-    TreeShape,
-    autoregressive_decode,
-    format_stats,
-    speculative_decode,
-)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from show import Painter
+from speculate import autoregressive_decode, format_stats, speculative_decode
 
 
 def parse_args(argv=None):
@@ -109,6 +106,16 @@ def parse_args(argv=None):
     )
     p.add_argument("--adaptive", action="store_true", help="grow/shrink k per level (ablations)")
     p.add_argument(
+        "--kernels",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="kernel-backed twins of model.py's modules (accel.py); --no-kernels runs model.py as written",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch and our kernels (default: all cores)"
+    )
+    p.add_argument("--show", action="store_true", help="colour each token by the level that produced it")
+    p.add_argument(
         "--quantize-head",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -116,9 +123,20 @@ def parse_args(argv=None):
     )
     args = p.parse_args(argv)
     try:
-        args.drafts, args.trees, args.placement = parse_levels(args)
+        spec = args.levels or shorthand(args.draft, args.k, args.draft2, args.k2, args.tree, args.tree2)
+        args.drafts = parse_levels(spec) if spec else []
+        if args.tree_depth is not None:
+            args.drafts = [d if not d.tree else d.__class__(d.kind, args.tree_depth, True, d.placement)
+                           for d in args.drafts]  # fmt: skip
+        if args.shard_drafts:
+            args.drafts = [d.__class__(d.kind, d.k, d.tree, d.placement or "shard") for d in args.drafts]
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        shape = tree_shape(device, args.tree_nodes, args.tree_topk)  # ValueError for sizes < 1
+        args.trees = [shape if d.tree else None for d in args.drafts]
     except ValueError as e:
         p.error(str(e))
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
     if args.temperature < 0:
         p.error("--temperature must be >= 0")
     if args.top_k is not None and args.top_k < 1:
@@ -128,156 +146,6 @@ def parse_args(argv=None):
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be >= 1")
     return args
-
-
-LEVEL_FLAGS = ("tree", "shard", "replicate")
-
-
-def parse_levels(args) -> tuple[list[tuple[str, int]], list, list]:
-    """[(kind, k), ...] for the draft levels, top-down; for each a TreeShape or None; and for each its
-    placement under tensor parallelism: "shard", "replicate" or None (the default for its kind)."""
-    placement = []
-    if args.levels:
-        drafts, tree = [], []
-        for item in args.levels.split(","):
-            parts = item.strip().split(":")
-            flags = []
-            while len(parts) > 2 and parts[-1] in LEVEL_FLAGS:
-                flags.append(parts.pop())
-            kind, k = ":".join(parts[:-1]), parts[-1]
-            if not kind or not k.lstrip("-").isdigit() or ("shard" in flags and "replicate" in flags):
-                raise ValueError(
-                    f"--levels entries are kind:k with optional :tree and :shard or :replicate, got {item!r}"
-                )
-            drafts.append((kind, int(k)))
-            tree.append("tree" in flags)
-            placement.append(next((f for f in flags if f != "tree"), None))
-    else:
-        drafts, tree = [(args.draft, args.k), (args.draft2, args.k2)], [args.tree, args.tree2]
-        if drafts[0][0] == "none":
-            if drafts[1][0] != "none":
-                raise ValueError("--draft2 needs a --draft above it")
-            drafts = []
-        elif drafts[1][0] == "none":
-            drafts = drafts[:1]
-        if any(tree[len(drafts) :]):
-            raise ValueError("--tree/--tree2 need a draft at that level")
-        tree = tree[: len(drafts)]
-    if args.tree_depth is not None:
-        drafts = [(kind, args.tree_depth if t else k) for (kind, k), t in zip(drafts, tree)]
-    # A GPU verifies 30 nodes for about the price of one token; on the CPUs we measured a 17-token
-    # forward costs 2.8x a one-token step (results/bench_verify_cpu_smollm2.json), and 4-node trees
-    # were the best of 4, 8 and 16 (README), so the CPU default is small.
-    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    nodes = args.tree_nodes if args.tree_nodes is not None else (30 if cuda else 4)
-    topk = args.tree_topk if args.tree_topk is not None else (10 if cuda else 2)
-    shape = TreeShape(nodes, topk)  # ValueError for sizes < 1
-    placement = placement or [None] * len(drafts)
-    if args.shard_drafts:
-        placement = [p or "shard" for p in placement]
-    for kind, k in drafts:
-        if k < 1:
-            raise ValueError(f"k must be >= 1 for every draft, got {k} for {kind}")
-        if kind == "none":
-            raise ValueError("'none' cannot sit between two drafts")
-    if any(kind == "ngram" for kind, _ in drafts[:-1]):
-        raise ValueError("ngram can only be the last level: nothing below it can speed it up")
-    if any(tree[:-1]):
-        raise ValueError("only the last draft level can draft trees (a tree is verified by the level above)")
-    return drafts, [shape if t else None for t in tree], placement
-
-
-def check_same_tokenizer(target_tok, draft_tok, name):
-    """A draft must speak the target's token ids. Padding rows may differ; the ids of real text may not."""
-    if draft_tok is None:
-        return
-    probe = "Hello world! The year 2025, naïve café 東京 — def f(x):\n\treturn x ** 2  # done"
-    if draft_tok.encode(probe) != target_tok.encode(probe):
-        raise ValueError(
-            f"draft {name} uses another tokenizer than the target: speculation needs the same ids"
-        )
-
-
-QUANTS = ("mxfp4", "int4")
-
-
-def cast(model, quant: str, quantize_head: bool = True):
-    """A copy of `model` with its linear weights direct-cast to `quant` (embeddings and norms shared)."""
-    if quant == "mxfp4":
-        from mxfp4 import quantize_model
-    elif quant == "int4":
-        from int4 import quantize_model
-    else:
-        raise ValueError(f"unknown weight format {quant!r}; known: {', '.join(QUANTS)}")
-    return quantize_model(model, quantize_output=quantize_head)
-
-
-def build_levels(
-    target,
-    tokenizer,
-    drafts,
-    device,
-    dtype,
-    quantize_head=True,
-    compile=None,
-    target_quant="none",
-):
-    """ModelLevels (and proposers) for [target, *drafts], top-down. `mxfp4` / `int4` cast the model of
-    the level above it (the unquantized one: a draft of an int4 target is cast from the original
-    weights, not from the int4 copy); `tiny` is the distilled student of the embedded SmolLM2;
-    `KIND@QUANT` casts that draft. target_quant casts the target itself (its head too: a 4-bit target
-    quantizes everything, as GPTQ checkpoints do not, but then every level agrees on the format)."""
-    top = target if target_quant == "none" else cast(target, target_quant)
-    name = "target" if target_quant == "none" else f"target({target_quant})"
-    levels, plain = [ModelLevel(top, name, compile=compile)], [target]
-    for kind, _ in drafts:
-        if kind == "ngram":
-            levels.append(NgramProposer())
-            plain.append(None)
-            continue
-        kind, _, quant = kind.partition("@")
-        if kind in QUANTS:
-            if plain[-1] is None:
-                raise ValueError(f"{kind} casts the level above it, which must be a model")
-            model = cast(plain[-1], kind, quantize_head)
-            name = f"{kind}({levels[-1].name.removesuffix(f'({target_quant})')})"
-        elif kind == "tiny":
-            from tiny import load_tiny
-
-            model, name = load_tiny(target), "tiny"
-        else:
-            model, draft_tok = load_model(kind, device, dtype)
-            check_same_tokenizer(tokenizer, draft_tok, kind)
-            name = kind.rstrip("/").rsplit("/", 1)[-1]
-        plain.append(model)
-        if quant:
-            model, name = cast(model, quant, quantize_head), f"{name}@{quant}"
-        levels.append(ModelLevel(model, name, compile=compile))
-    return levels
-
-
-def shard_levels(levels, drafts, placement=None):
-    """Tensor parallelism (tp.py) for a built stack, on every rank: the target is sharded; each draft
-    as `placement` says ("shard" or "replicate", one per draft), by default mxfp4/int4 drafts are
-    sharded (casts of a level above, as big as a quarter of it) and tiny and checkpoint drafts stay
-    whole on every rank (small drafts are cheaper replicated: no collective per drafted token).
-    Sharding comes after build_levels because `tiny` and replicated casts are built from the whole
-    target. A ValueError says when a model's heads do not divide by the world size."""
-    tp.apply_tp(levels[0].model)
-    for level, (kind, _), where in zip(levels[1:], drafts, placement or [None] * len(drafts)):
-        base = kind.partition("@")[0]
-        if kind != "ngram" and (where == "shard" or (where is None and base in QUANTS)):
-            # tiny's head predicts a subset of the vocabulary: it stays whole (it is small).
-            tp.apply_tp(level.model, shard_head=base != "tiny")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA, and on a CPU that runs our kernels (kernels/cpu: 1.9x torch fp32 there, and its
-    multi-token forwards round exactly like one-token steps); elsewhere fp32, because torch's own
-    bf16 matmul is slower than fp32 on the CPUs we measured."""
-    if device.type == "cuda" or (device.type == "cpu" and cpu_kernels.available()):
-        return torch.bfloat16
-    return torch.float32
 
 
 def main(argv=None):
@@ -292,12 +160,17 @@ def main(argv=None):
         device = tp.device_for_rank(device)
         if device.type == "cpu":  # torchrun gives each rank 1 thread; share the cores out instead
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp.world_size()))
+    if args.threads is not None:  # one knob: our kernels' pool sizes itself from torch's thread count
+        torch.set_num_threads(args.threads)
     lead = rank in (None, 0)  # only rank 0 prints; every rank computes the same tokens
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else default_dtype(device)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else default_dtype(device, args.kernels)
     try:
         model, tokenizer = load_model(args.checkpoint, device, dtype)
     except (CheckpointError, FileNotFoundError, NotImplementedError) as e:
         sys.exit(f"error: {e}")
+    report = accelerate(model, enabled=args.kernels)
+    if lead and device.type == "cpu":
+        print(report, file=sys.stderr)
     if tokenizer is None:
         sys.exit("error: no tokenizer found next to the checkpoint (tokenizer.json or tokenizer.model)")
 
@@ -307,21 +180,23 @@ def main(argv=None):
     prompt = torch.tensor(tokenizer.encode(text, bos=tokenizer.add_bos), dtype=torch.long)
     try:
         levels = build_levels(
-            model, tokenizer, args.drafts, device, dtype, args.quantize_head, args.compile, args.target_quant
-        )
+            model, tokenizer, args.drafts, device, dtype, args.quantize_head, args.compile, args.target_quant,
+            kernels=args.kernels,
+        )  # fmt: skip
         if rank is not None:
-            shard_levels(levels, args.drafts, args.placement)
+            shard_levels(levels, args.drafts)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
     printed = ""
+    stop_ids = tokenizer.stop_ids
 
     def stream(ids):
         nonlocal printed
-        if not lead:
+        if not lead or args.show:
             return
-        out = tokenizer.decode(ids)
+        out = tokenizer.decode(ids[:-1] if ids[-1] in stop_ids else ids)  # a stop token is not text
         if out.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
             return
         print(out[len(printed) :], end="", flush=True)
@@ -330,7 +205,7 @@ def main(argv=None):
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
     try:
         if len(levels) == 1:
-            _, stats = autoregressive_decode(
+            out, stats = autoregressive_decode(
                 levels[0],
                 prompt,
                 args.max_new_tokens,
@@ -339,13 +214,18 @@ def main(argv=None):
                 **sampling,
             )
         else:
-            ks = [k for _, k in args.drafts]
-            _, stats = speculative_decode(
+            ks = [d.k for d in args.drafts]
+            out, stats = speculative_decode(
                 levels, prompt, args.max_new_tokens, k=ks, stop_ids=tokenizer.stop_ids, on_token=stream,
                 adaptive=args.adaptive, trees=args.trees, **sampling,
             )  # fmt: skip
     except ValueError as e:
         sys.exit(f"\nerror: {e}")
+    if args.show and lead:
+        origin = getattr(stats, "origin", None) or [0] * len(out)
+        painter = Painter([lv.name for lv in levels], colour=sys.stdout.isatty())
+        print(painter.paint(tokenizer, out.tolist(), origin, stop_ids), end="")
+        print("\n" + painter.legend(), end="")
     summary = (
         f"\n\n{stats.new_tokens} tokens in {stats.total_time:.2f} s: {stats.tokens_per_second:.1f} tokens/s, "
         f"time to first token {1e3 * stats.time_to_first_token:.0f} ms ({stats.prompt_tokens}-token prompt), "

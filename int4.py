@@ -50,12 +50,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import mxfp4
-from kernels import cpu as cpu_kernels
-
-try:  # the kernel needs triton; without it every device takes the plain PyTorch path
-    from kernels.int4_triton import KERNEL_DTYPES, int4_linear
-except ImportError:
-    int4_linear, KERNEL_DTYPES = None, ()
 
 GROUP_SIZE = 128
 ZERO_POINT = 8  # the stored nibble is q + 8
@@ -125,10 +119,9 @@ def dequantize(codes: Tensor, scales: Tensor, dtype: torch.dtype = torch.bfloat1
 
 class Int4Linear(nn.Module):
     """y = x @ W.T (+ bias) with W stored as int4 in the buffers `codes` [N, K/2] and `scales`
-    [N, K/group_size] (bf16 or fp16). The output has x's dtype. The packed weight is read directly by
-    the Triton kernel on CUDA and by the C++ kernel on an AVX-512 CPU (kernels/cpu); elsewhere W is
-    dequantized to x's dtype and multiplied (the same maths, slower, and for bf16/fp16 x with the
-    weight rounded to x's dtype, where the kernels use the exact q * scale)."""
+    [N, K/group_size] (bf16 or fp16). The output has x's dtype. Here W is dequantized to x's dtype and
+    multiplied (for bf16/fp16 x the weight is rounded to x's dtype, where the kernels use the exact
+    q * scale); accel.FastInt4Linear reads the packed weight directly (Triton on CUDA, C++ on the CPU)."""
 
     def __init__(
         self,
@@ -174,18 +167,9 @@ class Int4Linear(nn.Module):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.is_cuda and int4_linear is not None and x.dtype in KERNEL_DTYPES:
-            y = int4_linear(x.reshape(-1, self.in_features), self.codes, self.scales)
-            y = y.view(*x.shape[:-1], self.out_features)
-        elif cpu_kernels.usable(x):
-            y = cpu_kernels.int4_linear(x, self.codes, self.scales)
-        else:
-            y = F.linear(x, dequantize(self.codes, self.scales, x.dtype))
+        # The reference maths: dequantize, then multiply. accel.py's twin reads the packed weight.
+        y = F.linear(x, dequantize(self.codes, self.scales, x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
-
-    def cpu_spec(self) -> tuple:
-        """How kernels/cpu's fused decoder block calls this layer (kind 2: int4 codes and scales)."""
-        return 2, self.codes, self.scales
 
     def extra_repr(self) -> str:
         has_bias = self.bias is not None

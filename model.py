@@ -1,9 +1,9 @@
 """The Llama network, gpt-fast style: one ModelArgs, plain modules, read top to bottom.
 
-This file knows nothing of checkpoints, quantization or speculation. Quantized layers replace
-`nn.Linear` from outside (see mxfp4.py), so the network reads the same for every weight format.
-On the CPU it calls three kernels itself (kernels/cpu: attention over the cache, RMSNorm, RoPE; the
-plain code below is the fallback), so that a multi-token forward rounds exactly like one-token steps.
+This file knows nothing of checkpoints, quantization, kernels or speculation: it is plain PyTorch,
+and what it says is what runs. Quantized layers replace `nn.Linear` from outside (mxfp4.py, int4.py),
+and kernel-backed twins of these modules are swapped in from outside too (accel.py, which checks
+that they still mirror the code below and leaves off any whose model.py function was edited).
 
 Two ways to run it:
   model(tokens)             no cache: full causal logits [B, T, vocab] (tests, teaching).
@@ -20,8 +20,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-
-from kernels import cpu as cpu_kernels
 
 
 @dataclass
@@ -175,13 +173,6 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
     def forward(self, x, freqs, input_pos, mask):
-        if input_pos is not None:
-            # On the CPU the same block in one C++ call: the same kernels and ops in the same order as
-            # the two lines below, so the same bits, without their ~150 us of Python per block (a
-            # third of a 135M model's decode step). None when it cannot (GPU, fp32 weights, hooks).
-            out = cpu_kernels.block(self, x, freqs, input_pos, mask)
-            if out is not None:
-                return out
         h = x + self.attention(self.attention_norm(x), freqs, input_pos, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -213,11 +204,8 @@ class Attention(nn.Module):
 
 
 def cached_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Attention of the new tokens q over the whole cache k, v; mask says which slots each token sees.
-    On the CPU our kernel computes each token's row alone, so a verification forward over k+1 tokens
-    gives exactly the outputs of k+1 one-token steps (SDPA's blocking depends on the token count)."""
-    if cpu_kernels.attention_usable(q, k, mask):
-        return cpu_kernels.attention(q, k, v, mask)
+    """Attention of the new tokens q over the whole cache k, v; mask says which slots each token sees
+    (stale slots past the sequence are never visible, which is why the cache needs no rollback)."""
     return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=True)
 
 
@@ -241,8 +229,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        if cpu_kernels.usable(x) and cpu_kernels.usable(self.weight):
-            return cpu_kernels.rms_norm(x, self.weight, self.eps)  # the same maths in one call
         # Normalise in fp32 (bf16 sums of squares lose bits), scale in the run dtype, as Llama does.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -277,8 +263,6 @@ def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
     """Rotate pairs (x[i], x[i + head_dim/2]): Hugging Face's layout, so HF weights load unpermuted
     (llama.cpp permutes q/k rows for its interleaved layout; the GGUF loader undoes that).
     x [B, H, T, D], freqs [T, D/2, 2]."""
-    if cpu_kernels.usable(x) and freqs.dim() == 3:
-        return cpu_kernels.rope(x, freqs)  # the same maths in one call
     x1, x2 = x.float().chunk(2, dim=-1)
     cos, sin = freqs[..., 0], freqs[..., 1]
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

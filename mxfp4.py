@@ -38,13 +38,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import cpu as cpu_kernels
-
-try:  # the kernel needs triton; without it every device takes the plain PyTorch path
-    from kernels.mxfp4_triton import KERNEL_DTYPES, mxfp4_linear
-except ImportError:
-    mxfp4_linear, KERNEL_DTYPES = None, ()
-
 BLOCK_SIZE = 32
 E8M0_BIAS = 127
 E2M1_EMAX = 2  # exponent of E2M1's largest value: 6 = 1.5 * 2^2
@@ -132,9 +125,8 @@ def e8m0_to_float(scales: Tensor) -> Tensor:
 
 class MXFP4Linear(nn.Module):
     """y = x @ W.T (+ bias) with W stored as MXFP4 in the buffers `codes` [N, K/2] and `scales`
-    [N, K/32]. The output has x's dtype. The packed weight is read directly by the Triton kernel on
-    CUDA and by the C++ kernel on an AVX-512 CPU (kernels/cpu); elsewhere W is dequantized to x's
-    dtype and multiplied (the same maths, slower)."""
+    [N, K/32]. The output has x's dtype. Here W is dequantized to x's dtype and multiplied;
+    accel.FastMXFP4Linear reads the packed weight directly (Triton on CUDA, C++ on the CPU)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None):
         super().__init__()
@@ -164,18 +156,9 @@ class MXFP4Linear(nn.Module):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.is_cuda and mxfp4_linear is not None and x.dtype in KERNEL_DTYPES:
-            y = mxfp4_linear(x.reshape(-1, self.in_features), self.codes, self.scales)
-            y = y.view(*x.shape[:-1], self.out_features)
-        elif cpu_kernels.usable(x):
-            y = cpu_kernels.mxfp4_linear(x, self.codes, self.scales)
-        else:
-            y = F.linear(x, dequantize(self.codes, self.scales, x.dtype))
+        # The reference maths: dequantize, then multiply. accel.py's twin reads the packed weight.
+        y = F.linear(x, dequantize(self.codes, self.scales, x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
-
-    def cpu_spec(self) -> tuple:
-        """How kernels/cpu's fused decoder block calls this layer (kind 1: MXFP4 codes and scales)."""
-        return 1, self.codes, self.scales
 
     def extra_repr(self) -> str:
         has_bias = self.bias is not None

@@ -8,6 +8,10 @@ function for it, `probs`, always in float32, and nothing else in the project war
 import torch
 from torch import Tensor
 
+# A rejection whose residual max(p - q, 0) sums to less than this is float32 rounding noise (p and q
+# agree to ~1e-7 per entry): we then sample from p, which is off by at most this much in total variation.
+RESIDUAL_EPS = 1e-6
+
 
 def probs(logits: Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None) -> Tensor:
     """Warped distribution over the last dim, float32: temperature, then top-k, then top-p

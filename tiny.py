@@ -40,7 +40,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import cpu as cpu_kernels
 from model import Transformer
 
 ARTIFACT = Path(__file__).resolve().parent / "tiny" / "smollm2-135m-tiny.pth"
@@ -61,10 +60,10 @@ class SubsetHead(nn.Module):
         self.weight = nn.Parameter(full_weight.detach()[ids].clone(), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.weight.dtype == torch.bfloat16 and cpu_kernels.usable(x):
-            sub = cpu_kernels.bf16_linear(x, self.weight)  # torch's bf16 GEMV is slow on the CPU
-        else:
-            sub = F.linear(x, self.weight)
+        return self.scatter(F.linear(x, self.weight))
+
+    def scatter(self, sub: Tensor) -> Tensor:
+        """Subset logits [..., len(ids)] -> [..., vocab_size], -inf outside the subset."""
         out = sub.new_full((*sub.shape[:-1], self.vocab_size), float("-inf"))
         return out.index_copy_(-1, self.ids, sub)
 
@@ -203,5 +202,4 @@ def load_tiny(target_model: Transformer, path=None) -> Transformer:
                 p.copy_(enc["full"])
             else:
                 p.add_(dequantize_delta(enc).to(device=p.device, dtype=p.dtype))
-    cpu_kernels.use_bf16_kernel(student)  # as checkpoint.build_model does for the target
     return student.eval().requires_grad_(False)

@@ -1,12 +1,10 @@
 """Shared fixtures. The real model loads once per session: it is the slow part of the suite."""
 
 import os
-import sys
-from pathlib import Path
 
 # Triton kernels are tested on the CPU through the interpreter; it must be set before triton loads.
 os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -214,6 +214,8 @@ import torch
 from kernels import cpu
 from model import ModelArgs, Transformer
 model = Transformer(ModelArgs(block_size=16, vocab_size=64, n_layer=1, n_head=2, dim=64)).eval()
+from accel import accelerate
+accelerate(model)
 model.setup_caches(1, 16)
 graphs = []
 def record(gm, example_inputs):
@@ -405,6 +407,7 @@ def test_rms_norm_and_rope_follow_the_model(kernels, dtype):
 def test_fused_block_gives_the_eager_bits(kernels, fmt, monkeypatch):
     """block.cpp runs model.py's TransformerBlock in one call: the same bits as the eager path, for every
     weight format and token count, and it steps aside where it must (hooks, fp32 weights)."""
+    import accel
     import int4
     import mxfp4
     from model import ModelArgs, Transformer
@@ -412,14 +415,14 @@ def test_fused_block_gives_the_eager_bits(kernels, fmt, monkeypatch):
     torch.manual_seed(0)
     args = ModelArgs(block_size=64, vocab_size=300, n_layer=2, n_head=4, n_local_heads=2, dim=128)
     model = Transformer(args).to(torch.bfloat16).eval().requires_grad_(False)
-    kernels.use_bf16_kernel(model)
     model = {"bf16": model, "mxfp4": mxfp4.quantize_model(model), "int4": int4.quantize_model(model)}[fmt]
+    accel.accelerate(model)
     ids = torch.randint(0, 300, (1, 12))
     calls = []
-    fused = kernels.block
+    fused = accel.FastBlock._fused
 
-    def counting(*a):
-        out = fused(*a)
+    def counting(self, *a):
+        out = fused(self, *a)
         calls.append(out is not None)
         return out
 
@@ -430,14 +433,14 @@ def test_fused_block_gives_the_eager_bits(kernels, fmt, monkeypatch):
                 model(ids[:, i : i + 1], torch.tensor([i])) for i in range(9, 12)
             ]
 
-    monkeypatch.setattr(kernels, "block", counting)
+    monkeypatch.setattr(accel.FastBlock, "_fused", counting)
     fast = run()
     assert calls and all(calls)  # the fused path ran for every block
-    monkeypatch.setattr(kernels, "block", lambda *a: None)
+    monkeypatch.setattr(accel.FastBlock, "_fused", lambda self, *a: None)
     eager = run()
     assert all(torch.equal(a, b) for a, b in zip(fast, eager))
     # A forward hook (tensor parallelism's all-reduce is one) sends the block back to the eager path.
-    monkeypatch.setattr(kernels, "block", counting)
+    monkeypatch.setattr(accel.FastBlock, "_fused", counting)
     calls.clear()
     model.layers[0].attention.register_forward_hook(lambda m, a, out: out)
     run()
@@ -450,6 +453,7 @@ def test_smollm2_verification_forward_equals_single_steps(kernels, smollm2, dtyp
     """The whole model on the CPU path: a forward over 8 tokens gives bit-identical logits to 8
     one-token steps, for the bf16 target (our bf16 kernel) and for the MXFP4 draft in both dtypes.
     The fp32 target is the exception: its linears are torch's GEMM, whose blocking depends on M."""
+    from accel import accelerate
     from checkpoint import build_model
     from mxfp4 import quantize_model
     from speculate import ModelLevel
@@ -461,6 +465,7 @@ def test_smollm2_verification_forward_equals_single_steps(kernels, smollm2, dtyp
     ids = torch.tensor(tok.encode("The quick brown fox jumps over the lazy dog and then", False))
     cases = [("mxfp4", quantize_model(model))] + ([("target", model)] if dtype == torch.bfloat16 else [])
     for name, m in cases:
+        accelerate(m)
         level = ModelLevel(m, name)
         level.reset(32)
         level.forward(ids[:5], 0)
@@ -474,7 +479,7 @@ def test_smollm2_bf16_greedy_speculation_equals_plain_decoding(kernels, smollm2)
     """With verification logits bit-identical to one-token steps, greedy speculation must return the
     bf16 target's own greedy tokens exactly, with no near-tie excuse: MXFP4 + tiny drafts, 40 tokens."""
     from checkpoint import build_model
-    from generate import build_levels
+    from levels import build_levels
     from speculate import TreeShape, autoregressive_decode, speculative_decode
 
     model32, tok = smollm2

@@ -6,6 +6,7 @@ import torch
 
 import generate
 from checkpoint import load_model
+from levels import LevelSpec, build_levels
 from speculate import ModelLevel, TreeShape, autoregressive_decode, speculative_decode
 
 PROMPTS = [
@@ -61,7 +62,7 @@ def test_speculation_on_smollm2_returns_the_targets_greedy_tokens(smollm2_f64, d
         tok.encode(tok.apply_chat_template([{"role": "user", "content": "Name three fruits."}]))
     )
     ref, _ = autoregressive_decode(ModelLevel(model), prompt, 16, stop_ids=tok.stop_ids)
-    levels = generate.build_levels(model, tok, drafts, "cpu", torch.float64)
+    levels = build_levels(model, tok, drafts, "cpu", torch.float64)
     out, stats = speculative_decode(
         levels, prompt, 16, k=[k for _, k in drafts], stop_ids=tok.stop_ids, trees=trees
     )
@@ -118,11 +119,11 @@ def test_cli_argument_errors(capsys):
 
 def test_level_flags_parse():
     args = generate.parse_args(["--levels", "mxfp4:6:replicate,tiny:3:tree:shard"])
-    assert args.drafts == [("mxfp4", 6), ("tiny", 3)]
+    assert args.drafts == [LevelSpec("mxfp4", 6, False, "replicate"), LevelSpec("tiny", 3, True, "shard")]
     assert args.trees[0] is None and args.trees[1] is not None
-    assert args.placement == ["replicate", "shard"]
-    args = generate.parse_args(["--draft", "mxfp4", "--draft2", "tiny", "--shard-drafts"])
-    assert args.placement == ["shard", "shard"] and args.trees == [None, None]
+    args = generate.parse_args(["--draft", "mxfp4", "--draft2", "tiny", "--tree2", "--shard-drafts"])
+    assert args.drafts == [LevelSpec("mxfp4", 6, False, "shard"), LevelSpec("tiny", 3, True, "shard")]
+    assert args.trees[0] is None and args.trees[1] is not None
 
 
 def test_cli_missing_checkpoint(tmp_path, capsys):

@@ -73,7 +73,7 @@ def noisy_copy(model: Transformer, noise: float, seed: int) -> Transformer:
 
 
 def level(model, name=None):
-    return ModelLevel(model, name or f"m{id(model) % 1000}", compile=False)
+    return ModelLevel(model, name or f"m{id(model) % 1000}")
 
 
 def draft_pool() -> dict:
@@ -355,9 +355,9 @@ class CheckedNgram(NgramProposer):
 
 def checked_run(names, k, n_new, temperature, seed, **kw):
     pool = draft_pool()
-    levels = [CheckedLevel(tiny_model(0), "target", compile=False)]
+    levels = [CheckedLevel(tiny_model(0), "target")]
     for n in names:
-        levels.append(CheckedNgram() if n == "ngram" else CheckedLevel(pool[n], n, compile=False))
+        levels.append(CheckedNgram() if n == "ngram" else CheckedLevel(pool[n], n))
     run = Speculation(levels, k, temperature, generator=torch.Generator().manual_seed(seed), **kw)
     for lv in levels:
         lv.run, lv.checked = run, 0
@@ -478,7 +478,7 @@ def test_one_level_is_autoregressive_decoding():
     ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))],
 )
 def test_compiled_levels_over_many_prompts(device):
-    """ModelLevel(compile=True), the default on CUDA (CUDA graphs there, inductor alone on the CPU): a
+    """ModelLevel with compile_decode, the default on CUDA (CUDA graphs there, inductor alone on the CPU): a
     float32 target, its MXFP4 cast and a small model, over prompts of 8 lengths and then one long
     enough to grow the caches, drafting sequences and trees, give the eager levels' tokens. Every level
     shares Transformer.forward's code object, and compiling each prompt length (or a small recompile
@@ -487,6 +487,7 @@ def test_compiled_levels_over_many_prompts(device):
     prompt, only (all at once) when a cache doubles."""
     from torch._dynamo.utils import counters
 
+    from accel import compile_decode
     from mxfp4 import quantize_model
 
     target = copy.deepcopy(tiny_model(0, dim=64, block_size=1024)).float()
@@ -496,8 +497,11 @@ def test_compiled_levels_over_many_prompts(device):
         copy.deepcopy(tiny_model(2, n_layer=2, block_size=1024)).float(),
     ]
     # Copies: a level owns its model's cache, and the two stacks size theirs differently.
-    eager = [ModelLevel(copy.deepcopy(m).to(device), f"e{i}", compile=False) for i, m in enumerate(models)]
-    compiled = [ModelLevel(copy.deepcopy(m).to(device), f"c{i}", compile=True) for i, m in enumerate(models)]
+    eager = [ModelLevel(copy.deepcopy(m).to(device), f"e{i}") for i, m in enumerate(models)]
+    compiled = []
+    for i, m in enumerate(models):
+        m = copy.deepcopy(m).to(device)
+        compiled.append(ModelLevel(m, f"c{i}", compiled=compile_decode(m)))
     runs = [dict(k=[4, 2]), dict(k=[3, 2], trees=[None, TreeShape(nodes=4, topk=2)])]
     graphs = []
     for n in (5, 7, 9, 12, 15, 18, 21, 24, 300):

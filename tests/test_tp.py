@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import tp
+from accel import compile_decode
 from kernels import cpu as cpu_kernels
 from model import ModelArgs, Transformer
 from mxfp4 import MXFP4Linear, quantize_model
@@ -72,7 +73,7 @@ def small(world: int) -> Transformer:
 
 
 def level(model, name):
-    return ModelLevel(model, name, compile=False)
+    return ModelLevel(model, name)
 
 
 def stacks(world: int, shard) -> dict:
@@ -137,7 +138,7 @@ def compiled(world: int) -> dict:
     torch.compile(t, backend=record, fullgraph=True, dynamic=False)(torch.tensor([PROMPT]), torch.arange(8))
     code = "\n".join(graphs)
     out = {"collectives": {op: code.count(f"_c10d_functional.{op}(") for op in COLLECTIVES}}
-    L = lambda m, name: ModelLevel(m, name, compile=True)  # noqa: E731
+    L = lambda m, name: ModelLevel(m, name, compiled=compile_decode(m))  # noqa: E731
     out["greedy 1 level"] = speculative_decode([L(t, "t")], torch.tensor(PROMPT), NEW)[0]
     out["greedy mxfp4 sharded"] = speculative_decode(
         [L(t, "t"), L(draft, "d")], torch.tensor(PROMPT), NEW, k=3

@@ -30,17 +30,9 @@ from test_speculate import (
 )
 
 import speculate
-from speculate import (
-    NgramProposer,
-    Speculation,
-    Tree,
-    TreeShape,
-    candidate_acceptance,
-    candidate_residual,
-    format_stats,
-    speculative_decode,
-    tree_mask,
-)
+import trees
+from speculate import NgramProposer, Speculation, format_stats, speculative_decode
+from trees import Tree, TreeShape, candidate_acceptance, candidate_residual, tree_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -222,9 +214,9 @@ class CheckedTreeNgram(CheckedNgram):
 def test_kv_caches_stay_right_with_trees(names, k, temperature):
     pool = draft_pool()
     for seed in range(2):
-        levels = [CheckedTreeLevel(tiny_model(0), "target", compile=False)]
+        levels = [CheckedTreeLevel(tiny_model(0), "target")]
         for n in names:
-            levels.append(CheckedTreeNgram() if n == "ngram" else CheckedTreeLevel(pool[n], n, compile=False))
+            levels.append(CheckedTreeNgram() if n == "ngram" else CheckedTreeLevel(pool[n], n))
         trees = [None] * (len(names) - 1) + [TreeShape(nodes=6, topk=2)]
         g = torch.Generator().manual_seed(seed)
         run = Speculation(levels, k, temperature, generator=g, trees=trees, adaptive=seed == 1)
@@ -239,8 +231,8 @@ def test_kv_caches_stay_right_with_trees(names, k, temperature):
 def test_tree_check_catches_unmoved_keys(monkeypatch):
     # Forget to move the accepted path's keys/values: the next forward reads scratch-slot garbage.
     monkeypatch.setattr(CheckedTreeLevel, "move_kv", lambda self, src, dst: None)
-    levels = [CheckedTreeLevel(tiny_model(0), "target", compile=False)]
-    levels.append(CheckedTreeLevel(draft_pool()["near"], "near", compile=False))
+    levels = [CheckedTreeLevel(tiny_model(0), "target")]
+    levels.append(CheckedTreeLevel(draft_pool()["near"], "near"))
     run = Speculation(levels, [3], trees=[TreeShape(6, 2)])
     for lv in levels:
         lv.run, lv.checked = run, 0
@@ -289,7 +281,7 @@ def test_eagle_tree_shape():
     L = len(PROMPT)
     run.buf[:L] = torch.tensor(PROMPT)
     run.seen = [0, 0]
-    tree = run.draft_tree(1, L, 3, 7)
+    tree = trees.draft_tree(run, 1, L, 3, 7)
     assert len(tree) == 7 and max(tree.depth) <= 3
     assert all(p < n for n, p in enumerate(tree.parents))
     assert len(tree.children[-1]) <= 3

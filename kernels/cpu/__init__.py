@@ -9,9 +9,8 @@ over the KV cache, RMSNorm and RoPE.
         y = cpu_kernels.attention(q, k_cache, v_cache, mask)   # [B, H, T, D] over [B, KVH, S, D]
         y = cpu_kernels.rms_norm(x, weight, eps); y = cpu_kernels.rope(q, freqs)
 
-Who calls them: MXFP4Linear (mxfp4.py), Int4Linear (int4.py) and BF16Linear (here; checkpoint.py swaps
-bf16 nn.Linear layers on the CPU for it) for the linears; model.py for attention over the cache,
-RMSNorm and RoPE, each behind `usable(...)` with the plain PyTorch code as the fallback. Every one of
+Who calls them: the kernel-backed twins of model.py's, mxfp4.py's and int4.py's modules in
+accelerate.py, each behind `usable(...)` with the plain module's own code as the fallback. Every one of
 them computes each output row alone, by the same operations whatever the number of rows, so a
 verification forward over k+1 tokens gives bit-identical logits to k+1 one-token steps (with bf16,
 MXFP4 or int4 weights; an fp32 target still goes through torch's GEMM, which is not M-invariant).
@@ -75,7 +74,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 __all__ = [
     "available",
@@ -83,8 +81,7 @@ __all__ = [
     "mxfp4_linear",
     "int4_linear",
     "bf16_linear",
-    "BF16Linear",
-    "use_bf16_kernel",
+    "block",
     "attention",
     "rms_norm",
     "rope",
@@ -296,10 +293,10 @@ def rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 def attention_usable(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether attention() takes these: a 2-D [T, S] bool mask, head_dim a multiple of 16 up to 256,
     the cache in fp32 or bf16, and usable(q)."""
-    return _attention_takes(q.shape[-1], k.dtype, mask) and usable(q)
+    return attention_takes(q.shape[-1], k.dtype, mask) and usable(q)
 
 
-def _attention_takes(head_dim: int, cache_dtype: torch.dtype, mask: torch.Tensor | None) -> bool:
+def attention_takes(head_dim: int, cache_dtype: torch.dtype, mask: torch.Tensor | None) -> bool:
     return (
         mask is not None
         and mask.dim() == 2
@@ -310,43 +307,15 @@ def _attention_takes(head_dim: int, cache_dtype: torch.dtype, mask: torch.Tensor
     )
 
 
-def _linear_spec(layer) -> tuple | None:
-    """(kind, a, b) of a linear layer block.cpp can run: 0 a bf16 BF16Linear, else the layer's own
-    `cpu_spec()` (MXFP4Linear: 1, Int4Linear: 2). None for anything else, or a layer with a bias."""
-    if getattr(layer, "bias", None) is not None or layer._forward_hooks or layer._forward_pre_hooks:
-        return None
-    if type(layer) is BF16Linear and layer.weight.dtype == torch.bfloat16:
-        return 0, layer.weight, layer.weight
-    spec = getattr(layer, "cpu_spec", None)
-    return spec() if spec is not None else None
-
-
-def block(layer, x: torch.Tensor, freqs: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor):
-    """model.py's TransformerBlock `layer` on the cached path in one C++ call (block.cpp), or None when
-    it cannot (then the caller runs its own eager code, which gives the same bits, only slower): the
-    kernels unavailable or compiling, a linear that is not bf16/MXFP4/int4 without bias, hooks on the
-    block's modules (tensor parallelism adds all-reduces as hooks), or shapes the kernels do not take."""
-    attn, ffn = layer.attention, layer.feed_forward
-    if (
-        torch.compiler.is_compiling()
-        or not usable(x)
-        or freqs.dim() != 3
-        or attn.kv_cache is None
-        or not _attention_takes(attn.head_dim, attn.kv_cache.k_cache.dtype, mask)
-        or any(m._forward_hooks or m._forward_pre_hooks for m in (layer, attn, ffn))
-    ):
-        return None
-    specs = [_linear_spec(m) for m in (attn.wqkv, attn.wo, ffn.w1, ffn.w3, ffn.w2)]
-    if None in specs:
-        return None
-    norms = (layer.attention_norm, layer.ffn_norm)
-    if any(not usable(n.weight) or n._forward_hooks for n in norms) or norms[0].eps != norms[1].eps:
-        return None
-    weights = [norms[0].weight, norms[1].weight] + [t for _, a, b in specs for t in (a, b)]
-    return _EXT.block(
-        x, weights, [kind for kind, _, _ in specs], attn.kv_cache.k_cache, attn.kv_cache.v_cache,
-        input_pos, freqs, mask, attn.n_head, attn.n_local_heads, attn.head_dim, norms[0].eps,
-        attn.head_dim**-0.5,
+def block(x, weights, kinds, k_cache, v_cache, input_pos, freqs, mask, n_head, n_kv_head, head_dim, eps):
+    """A Llama decoder block on the cached path in one call (block.cpp): x + attention(norm(x)), then
+    + SwiGLU(norm(.)), with rms_norm, the linears, rope, the cache write and attention as the functions
+    above compute them, in that order, so the bits equal those of calling them one by one.
+    weights: [attention_norm, ffn_norm] then two tensors per linear (wqkv, wo, w1, w3, w2), each of
+    kinds[j]: 0 bf16 (the weight twice), 1 MXFP4 (codes, scales), 2 int4 (codes, scales)."""
+    return (_EXT or _require()).block(
+        x, weights, kinds, k_cache, v_cache, input_pos, freqs, mask, n_head, n_kv_head, head_dim, eps,
+        head_dim**-0.5,
     )  # fmt: skip
 
 
@@ -372,36 +341,3 @@ def usable(x: torch.Tensor) -> bool:
         and not (torch.is_grad_enabled() and x.requires_grad)
         and available()
     )
-
-
-class BF16Linear(nn.Linear):
-    """nn.Linear whose bf16 weight is multiplied by bf16_linear on the CPU (torch's bf16 GEMV reads
-    at about half the fp32 bandwidth there); anything else takes nn.Linear's own path."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if w.dtype == torch.bfloat16 and usable(x) and not (torch.is_grad_enabled() and w.requires_grad):
-            y = bf16_linear(x, w)
-            return y if self.bias is None else y + self.bias.to(y.dtype)
-        return super().forward(x)
-
-
-def use_bf16_kernel(model: nn.Module) -> int:
-    """Make every plain nn.Linear of `model` with a bf16 CPU weight a BF16Linear, in place, keeping the
-    very same weight and bias Parameters (a tied head stays tied). Returns how many were swapped; 0
-    when the kernels are unavailable."""
-    swaps = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if type(child) is nn.Linear
-        and child.weight.dtype == torch.bfloat16
-        and child.weight.device.type == "cpu"
-    ]
-    if not swaps or not available():  # no bf16 CPU weight: no need to build the kernels
-        return 0
-    for parent, name, child in swaps:
-        layer = BF16Linear(child.in_features, child.out_features, bias=False, device="meta")
-        layer.weight, layer.bias = child.weight, child.bias
-        setattr(parent, name, layer)
-    return len(swaps)

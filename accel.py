@@ -1,0 +1,332 @@
+"""Speed, applied from outside: `accelerate(model)` and `compile_decode(model)`.
+
+model.py, mxfp4.py and int4.py are plain PyTorch: what they say is what runs. This module is the one
+visible step that makes them fast, and the one place that knows both the modules and the kernels:
+
+    model, tokenizer = load_model()         # plain modules, exactly as model.py builds them
+    report = accelerate(model)               # swap in kernel-backed twins, in place
+    print(report)                            # "CPU kernels: on (...)"
+
+A twin is a subclass of the plain module with the same state and the same maths, computed by a kernel
+(kernels/cpu in C++ on AVX-512 CPUs, kernels/*_triton.py on CUDA). Swapping is a class change, so no
+tensor is copied and tied weights stay tied; `accelerate(model, enabled=False)` swaps them back. Where
+a kernel cannot take an input (another device or dtype, a gradient, hooks), the twin calls the plain
+module's own forward.
+
+The twins of model.py's modules re-implement its code in C++, so they can only honour model.py as it
+was written when they were checked against it. Each twin names the functions it mirrors, and
+`accelerate` compares their source (comments and docstrings aside) with the fingerprints below: a
+function edited in model.py (or patched at run time) switches off every twin that mirrors it, and the
+report says so. The student's edit then runs, slower, instead of being silently ignored. A test keeps
+the fingerprints current, together with the tests that the twins give model.py's bits.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+import int4
+import model as M
+import mxfp4
+import tiny
+from kernels import cpu as cpu_kernels
+
+try:  # the Triton kernels need triton; without it CUDA takes the plain path
+    from kernels.int4_triton import int4_linear as int4_triton
+    from kernels.mxfp4_triton import KERNEL_DTYPES
+    from kernels.mxfp4_triton import mxfp4_linear as mxfp4_triton
+except ImportError:
+    mxfp4_triton = int4_triton = None
+    KERNEL_DTYPES = ()
+
+
+def _no_grad_wanted(x: Tensor, *params: Tensor) -> bool:
+    return not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params))
+
+
+# --- the twins ---------------------------------------------------------------------------------------
+
+
+class FastLinear(nn.Linear):
+    """nn.Linear with a bf16 weight on the CPU through kernels/cpu's bf16_linear: torch's bf16 GEMV
+    reads at about half the fp32 bandwidth there, and ours rounds every row alike whatever the number
+    of rows (a verification forward gives the bits of one-token steps)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if w.dtype == torch.bfloat16 and cpu_kernels.usable(x) and _no_grad_wanted(x, w):
+            y = cpu_kernels.bf16_linear(x, w)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        return super().forward(x)
+
+    def cpu_spec(self):
+        """How the fused block calls this layer (kind 0: a bf16 weight), or None."""
+        return (0, self.weight, self.weight) if self.weight.dtype == torch.bfloat16 else None
+
+
+class FastMXFP4Linear(mxfp4.MXFP4Linear):
+    """MXFP4Linear reading its packed weight directly: Triton on CUDA, C++ on the CPU."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda and mxfp4_triton is not None and x.dtype in KERNEL_DTYPES:
+            y = mxfp4_triton(x.reshape(-1, self.in_features), self.codes, self.scales)
+            y = y.view(*x.shape[:-1], self.out_features)
+        elif cpu_kernels.usable(x):
+            y = cpu_kernels.mxfp4_linear(x, self.codes, self.scales)
+        else:
+            return super().forward(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def cpu_spec(self):
+        return 1, self.codes, self.scales
+
+
+class FastInt4Linear(int4.Int4Linear):
+    """Int4Linear reading its packed weight directly: Triton on CUDA, C++ on the CPU."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda and int4_triton is not None and x.dtype in KERNEL_DTYPES:
+            y = int4_triton(x.reshape(-1, self.in_features), self.codes, self.scales)
+            y = y.view(*x.shape[:-1], self.out_features)
+        elif cpu_kernels.usable(x):
+            y = cpu_kernels.int4_linear(x, self.codes, self.scales)
+        else:
+            return super().forward(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def cpu_spec(self):
+        return 2, self.codes, self.scales
+
+
+class FastSubsetHead(tiny.SubsetHead):
+    """tiny's frequent-token head with its bf16 rows through bf16_linear, as FastLinear."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.weight.dtype == torch.bfloat16 and cpu_kernels.usable(x):
+            return self.scatter(cpu_kernels.bf16_linear(x, self.weight))
+        return super().forward(x)
+
+
+class FastRMSNorm(M.RMSNorm):
+    """model.RMSNorm.forward in one C++ call (the same operations in the same order)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if cpu_kernels.usable(x) and cpu_kernels.usable(self.weight):
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+class FastAttention(M.Attention):
+    """model.Attention.forward with RoPE and the attention over the cache in C++. The kernel computes
+    each query row alone, so a forward over k+1 tokens gives exactly the rows of k+1 one-token steps
+    (SDPA's blocking depends on the token count): what makes greedy speculation bit-identical to
+    plain decoding."""
+
+    def forward(self, x, freqs, input_pos, mask):
+        if input_pos is None or freqs.dim() != 3 or not cpu_kernels.usable(x):
+            return super().forward(x, freqs, input_pos, mask)
+        B, T, _ = x.shape
+        q_size, kv_size = self.n_head * self.head_dim, self.n_local_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_local_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_local_heads, self.head_dim).transpose(1, 2)
+        q, k = cpu_kernels.rope(q, freqs), cpu_kernels.rope(k, freqs)
+        k, v = self.kv_cache.update(input_pos, k, v)
+        if cpu_kernels.attention_usable(q, k, mask):
+            y = cpu_kernels.attention(q, k, v, mask)
+        else:
+            y = M.cached_attention(q, k, v, mask)
+        return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
+
+
+class FastBlock(M.TransformerBlock):
+    """model.TransformerBlock on the cached path in one C++ call (kernels/cpu/block.cpp): the same
+    kernels and operations in the same order as the twins above, so the same bits, without ~150 us of
+    Python per block (a third of a 135M model's decode step). It steps aside (the modules run one by
+    one) for hooks (tensor parallelism adds its all-reduces as hooks), compilation, another device,
+    fp32 weights, or a linear it has no kernel for."""
+
+    def forward(self, x, freqs, input_pos, mask):
+        if input_pos is not None:
+            out = self._fused(x, freqs, input_pos, mask)
+            if out is not None:
+                return out
+        return super().forward(x, freqs, input_pos, mask)
+
+    def _fused(self, x, freqs, input_pos, mask):
+        attn, ffn = self.attention, self.feed_forward
+        if (
+            torch.compiler.is_compiling()
+            or not cpu_kernels.usable(x)
+            or freqs.dim() != 3
+            or attn.kv_cache is None
+            or not cpu_kernels.attention_takes(attn.head_dim, attn.kv_cache.k_cache.dtype, mask)
+            or any(m._forward_hooks or m._forward_pre_hooks for m in (self, attn, ffn))
+        ):
+            return None
+        specs = [_linear_spec(m) for m in (attn.wqkv, attn.wo, ffn.w1, ffn.w3, ffn.w2)]
+        if None in specs:
+            return None
+        norms = (self.attention_norm, self.ffn_norm)
+        if norms[0].eps != norms[1].eps or any(
+            not cpu_kernels.usable(n.weight) or n._forward_hooks for n in norms
+        ):
+            return None
+        weights = [norms[0].weight, norms[1].weight] + [t for _, a, b in specs for t in (a, b)]
+        return cpu_kernels.block(
+            x, weights, [kind for kind, _, _ in specs], attn.kv_cache.k_cache, attn.kv_cache.v_cache,
+            input_pos, freqs, mask, attn.n_head, attn.n_local_heads, attn.head_dim, norms[0].eps,
+        )  # fmt: skip
+
+
+def _linear_spec(layer) -> tuple | None:
+    if getattr(layer, "bias", None) is not None or layer._forward_hooks or layer._forward_pre_hooks:
+        return None
+    spec = getattr(layer, "cpu_spec", None)
+    return spec() if spec is not None else None
+
+
+# plain class -> (twin, the model.py functions the twin re-implements)
+_MIRRORS = ("Attention.forward", "apply_rope", "cached_attention", "KVCache.update")
+TWINS: dict[type, tuple[type, tuple[str, ...]]] = {
+    nn.Linear: (FastLinear, ()),
+    mxfp4.MXFP4Linear: (FastMXFP4Linear, ()),
+    int4.Int4Linear: (FastInt4Linear, ()),
+    tiny.SubsetHead: (FastSubsetHead, ()),
+    M.RMSNorm: (FastRMSNorm, ("RMSNorm.forward",)),
+    M.Attention: (FastAttention, _MIRRORS),
+    M.TransformerBlock: (
+        FastBlock,
+        ("TransformerBlock.forward", "FeedForward.forward", "RMSNorm.forward", *_MIRRORS),
+    ),
+}
+
+# The fingerprints (see source_fingerprint) of model.py's functions as the twins mirror them. After a
+# deliberate change to one of them, change its twin and the C++ to match, then update the value here
+# (tests/test_accel.py prints the new ones).
+FINGERPRINTS = {
+    "Attention.forward": "b6c86a9f37dec0c8",
+    "apply_rope": "8c060958f3b08cb3",
+    "cached_attention": "33b92cb548796d59",
+    "KVCache.update": "6358f3b427407f3f",
+    "RMSNorm.forward": "d14edad3d4c6859c",
+    "TransformerBlock.forward": "4455023dba70d7b5",
+    "FeedForward.forward": "0a20d3670f84c779",
+}
+
+
+def source_fingerprint(fn) -> str | None:
+    """A short hash of a function's code, blind to comments, docstrings and formatting; None if its
+    source cannot be read (a lambda typed at a prompt, a C function)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+            if isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:16]
+
+
+def _resolve(name: str):
+    obj = M
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def edited_functions() -> list[str]:
+    """model.py's functions that no longer match what the twins mirror."""
+    return [n for n, fp in FINGERPRINTS.items() if source_fingerprint(_resolve(n)) != fp]
+
+
+# --- the step ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """What accelerate() did: the twins swapped in (by name, how many), the twins left off because
+    model.py changed under them, and whether the CPU kernels can run at all (and why not)."""
+
+    enabled: bool
+    kernels: bool
+    reason: str | None = None
+    swapped: dict = field(default_factory=dict)
+    edited: list = field(default_factory=list)
+    off: list = field(default_factory=list)
+
+    def __str__(self) -> str:
+        if not self.enabled:
+            return "CPU kernels: off (model.py runs as written)"
+        if not self.kernels:
+            state = f"off ({self.reason})" if self.reason else "off"
+            return f"CPU kernels: {state}; model.py runs as written"
+        line = "CPU kernels: on; --no-kernels runs model.py as written"
+        if self.edited:
+            line += (
+                f"\n  model.py's {', '.join(self.edited)} differ from what the kernels implement: "
+                f"{', '.join(self.off)} run as written (slower)"
+            )
+        return line
+
+
+def accelerate(model: nn.Module, enabled: bool = True) -> Report:
+    """Swap every module of `model` that has a twin (above) for it, in place; with enabled=False, swap
+    twins back to their plain classes. Twins that mirror an edited model.py function are left off.
+    Safe to call on a model that is already (partly) accelerated, and on models on any device: twins
+    only call kernels for inputs the kernels take."""
+    kernels = cpu_kernels.available() if enabled else False
+    edited = edited_functions() if enabled else []
+    report = Report(enabled, kernels, None if kernels or not enabled else cpu_kernels.unavailable_reason())
+    report.edited = edited
+    report.off = sorted(
+        {twin.__name__.removeprefix("Fast") for twin, names in TWINS.values() if set(names) & set(edited)}
+    )
+    plain_of = {twin: plain for plain, (twin, _) in TWINS.items()}
+    for module in model.modules():
+        plain = plain_of.get(type(module), type(module))
+        twin, names = TWINS.get(plain, (None, ()))
+        if twin is None:
+            continue
+        want = twin if enabled and not (set(names) & set(edited)) else plain
+        if type(module) is not want:
+            module.__class__ = want
+        if want is twin:
+            report.swapped[twin.__name__] = report.swapped.get(twin.__name__, 0) + 1
+    return report
+
+
+# --- torch.compile and CUDA graphs ---------------------------------------------------------------------
+
+# Every level shares Transformer.forward's code object, so each (model, T) pair is one of dynamo's cache
+# entries for it: the default limit of 8 was exhausted within two prompts of a two-level run (steps,
+# verifications of each length, trees), and under fullgraph=True the next shape is a hard error. Levels
+# x distinct T stay far below 256 entries; every cache growth compiles them all again (new buffer
+# shapes), which growing caches by doubling (speculate.ModelLevel.reset) keeps to a few per run.
+RECOMPILE_LIMIT = 256
+
+
+def compile_decode(model: nn.Module):
+    """`model` compiled for decode-sized forwards, as gpt-fast does: one CUDA graph per token count
+    (reduce-overhead), the whole forward in one graph (fullgraph), static shapes."""
+    config = torch._dynamo.config
+    # recompile_limit was cache_size_limit before torch 2.7; accumulated_recompile_limit likewise.
+    for names, value in (
+        (("recompile_limit", "cache_size_limit"), RECOMPILE_LIMIT),
+        (("accumulated_recompile_limit", "accumulated_cache_size_limit"), 8 * RECOMPILE_LIMIT),
+    ):
+        name = next((n for n in names if hasattr(config, n)), None)
+        if name is not None:
+            setattr(config, name, max(getattr(config, name), value))
+    return torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)

@@ -59,7 +59,6 @@
 #include <immintrin.h>
 
 #include <array>
-#include <bit>
 #include <cstdint>
 #include <cstring>
 
@@ -123,8 +122,13 @@ alignas(64) constexpr float kE2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f
 // products, as mxfp4.dequantize computes them: s = 0 is 2^-127 (a subnormal scale), s = 255 is NaN.
 // (Filled when the library loads: a constexpr table would need the overflowing products, 6 * 2^127 =
 // inf, which C++ does not allow in constant expressions.)
+// (A memcpy bit cast: std::bit_cast is C++20, and torch 2.11's cpp_extension builds with -std=c++17;
+// both compile to the same move.)
 float e8m0_value(uint32_t s) {
-  return std::bit_cast<float>(s == 255 ? 0x7FC00000u : s == 0 ? 0x00400000u : s << 23);
+  const uint32_t u = s == 255 ? 0x7FC00000u : s == 0 ? 0x00400000u : s << 23;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
 }
 alignas(64) const std::array<float, 256 * 16> kScaledE2M1 = [] {
   std::array<float, 256 * 16> t{};

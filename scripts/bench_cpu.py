@@ -32,7 +32,6 @@ with it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -43,20 +42,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bench_lib
+import int4
+from kernels import cpu as cpu_kernels
+from model import ModelArgs
+from mxfp4 import quantize
 
-import int4  # noqa: E402
-from kernels import cpu as cpu_kernels  # noqa: E402
-from mxfp4 import quantize  # noqa: E402
-
-# SmolLM2-135M: dim 576, 9 query heads + 2 x 3 kv heads of 64, ffn 1536, vocab 49152, 30 layers.
-LAYERS = 30
+_C = ModelArgs.from_name("smollm2-135m")  # the embedded model's shapes
+LAYERS = _C.n_layer
 SHAPES = {  # name -> (N, K)
-    "wqkv": (960, 576),
-    "wo": (576, 576),
-    "w1/w3": (1536, 576),
-    "w2": (576, 1536),
-    "output": (49152, 576),
+    "wqkv": ((_C.n_head + 2 * _C.n_local_heads) * _C.head_dim, _C.dim),
+    "wo": (_C.dim, _C.n_head * _C.head_dim),
+    "w1/w3": (_C.intermediate_size, _C.dim),
+    "w2": (_C.dim, _C.intermediate_size),
+    "output": (_C.vocab_size, _C.dim),
 }
 LAYER_ORDER = ("wqkv", "wo", "w1/w3", "w1/w3", "w2")  # one layer's calls, in the model's order
 IMPLS = ("torch fp32", "torch bf16", "ours bf16", "ours mxfp4", "ours int4")
@@ -204,21 +203,12 @@ def main():
     emit()
 
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "machine": platform.machine(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": args.threads,
-            "loadavg_before": load_before,
-            "loadavg_after": load_after,
-            "warmup": args.warmup,
-            "repeats": args.repeats,
-            "kernels": cpu_kernels.info(),
-            "model_matrices": len(rows["model"]),
-        }
-        out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        meta = dict(
+            machine=platform.machine(), cpus=os.cpu_count(), torch=torch.__version__, threads=args.threads,
+            loadavg_before=load_before, loadavg_after=load_after, warmup=args.warmup, repeats=args.repeats,
+            kernels=cpu_kernels.info(), model_matrices=len(rows["model"]),
+        )  # fmt: skip
+        out = bench_lib.write_json(Path(args.out), {"meta": meta, "results": results})
         out.with_suffix(".md").write_text("".join(report).lstrip("\n"))
         print(f"wrote {out} and {out.with_suffix('.md')}")
 

@@ -21,28 +21,25 @@ at least 16 MiB packed), and M = 8 takes <= 1.3x the M = 1 time on every shape.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bench_lib
+from model import ModelArgs
 
-# name -> (dim, n_heads, n_kv_heads, head_dim, ffn_dim, vocab)
-MODELS = {
-    "llama-3.1-8b": (4096, 32, 8, 128, 14336, 128256),
-    "llama-3.2-1b": (2048, 32, 8, 64, 8192, 128256),
-}
+MODELS = ("llama-3.1-8b", "llama-3.2-1b")  # model.PRESETS names
 LARGE_BYTES = 16 * 2**20  # "large shape" for the bandwidth goal: >= 16 MiB of packed weight
 
 
-def linear_shapes(dim, n_heads, n_kv_heads, head_dim, ffn, vocab):
-    """(name, N, K) of every distinct linear of one transformer (w1 and w3 share a shape)."""
+def linear_shapes(preset: str):
+    """(name, N, K) of every distinct linear of one transformer of a preset (w1 and w3 share a shape)."""
+    c = ModelArgs.from_name(preset)
     return [
-        ("wqkv", (n_heads + 2 * n_kv_heads) * head_dim, dim),
-        ("wo", dim, n_heads * head_dim),
-        ("w1/w3", ffn, dim),
-        ("w2", dim, ffn),
-        ("output", vocab, dim),
+        ("wqkv", (c.n_head + 2 * c.n_local_heads) * c.head_dim, c.dim),
+        ("wo", c.dim, c.n_head * c.head_dim),
+        ("w1/w3", c.intermediate_size, c.dim),
+        ("w2", c.dim, c.intermediate_size),
+        ("output", c.vocab_size, c.dim),
     ]
 
 
@@ -65,7 +62,7 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {list(MODELS)}")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated model.PRESETS names")
     parser.add_argument("--m", default="1,2,4,5,8,16", help="comma-separated row counts M")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -142,7 +139,7 @@ def main():
     )
     rows = []
     for model in args.models.split(","):
-        for layer, n, k in linear_shapes(*MODELS[model]):
+        for layer, n, k in linear_shapes(model):
             # Random bytes: the kernel's speed does not depend on the values.
             codes = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device)
             scales = torch.randint(118, 124, (n, k // 32), dtype=torch.uint8, device=device)
@@ -179,13 +176,12 @@ def main():
         print(f"  {verdict}  {g['goal']:20} {g['model']:13} {g['layer']:7} {g['value']:.2f}")
 
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(
             device=torch.cuda.get_device_name(), sm_count=sm_count, torch=torch.__version__,
             triton=triton.__version__, dtype=args.dtype, copy_GBps=copy_gbps,
             copy_definition="(bytes read + bytes written) / time of dst.copy_(src), 1 GiB",
         )  # fmt: skip
-        args.out.write_text(json.dumps(dict(meta=meta, results=rows, goals=goals), indent=1))
+        bench_lib.write_json(args.out, dict(meta=meta, results=rows, goals=goals))
         print(f"\nwrote {args.out}")
 
 

@@ -19,51 +19,19 @@ table (ms per forward, and the ratio to T = 1), writes JSON and a PNG next to --
 """
 
 import argparse
-import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from generate import cast  # noqa: E402
-from model import weight_bytes  # noqa: E402
-from scripts.bench_decode import random_model  # noqa: E402
-from speculate import ModelLevel  # noqa: E402
+import bench_lib
+from accel import accelerate, compile_decode
+from levels import cast
+from model import weight_bytes
+from speculate import ModelLevel
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_forwards(model, device, context: int, tokens, repeats: int, compile) -> dict[int, float]:
-    """Median ms of a T-token forward at positions context..context+T-1, for each T."""
-    level = ModelLevel(model, "target", compile=compile)
-    level.reset(context + max(tokens))
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 1000, (context + max(tokens),), generator=g).to(device)
-    level.forward(ids[:context], 0)  # fill the cache once; every timed forward attends to it
-    out = {}
-    for t in tokens:
-        x = ids[context : context + t]
-        for _ in range(2):  # warm-up (on CUDA: compilation and CUDA-graph capture for this T)
-            level.forward(x, context)
-        times = []
-        for _ in range(repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            level.forward(x, context)
-            sync(device)
-            times.append(1e3 * (time.perf_counter() - t0))
-        out[t] = statistics.median(times)
-    return out
 
 
 def plot(record, path: Path):
@@ -107,45 +75,49 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed forwards per T (default 20 GPU, 5 CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--no-head", action="store_true", help="time the layers only (no output head)")
+    p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True, help="accel.accelerate")
     p.add_argument("--out", type=Path, default=None, help="JSON path (PNG beside it)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     tokens = [int(t) for t in a.tokens.split(",")]
     repeats = a.repeats or (20 if device.type == "cuda" else 5)
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
-    base = random_model(a.preset, device, torch.bfloat16, layers=a.layers)
+    compile = device.type == "cuda" if a.compile is None else a.compile
+    device_name = bench_lib.environment(device)["gpu"] or f"CPU x{torch.get_num_threads()}"
+    base = bench_lib.random_model(a.preset, device, torch.bfloat16, layers=a.layers)
     if a.no_head:  # the forward then returns the final hidden states: [T, dim] instead of logits
         base.output = torch.nn.Identity()
     record = dict(
         preset=a.preset, layers=base.config.n_layer, head=not a.no_head, device=str(device),
         device_name=device_name, machine=platform.node(), torch=torch.__version__, context=a.context,
-        repeats=repeats, results={},
+        repeats=repeats, kernels=a.kernels, compiled=compile, results={},
     )  # fmt: skip
     for fmt in a.formats.split(","):
         model = base if fmt == "bf16" else cast(base, fmt)
-        ms = time_forwards(model, device, a.context, tokens, repeats, a.compile)
+        report = accelerate(model, enabled=a.kernels)
+        if fmt == a.formats.split(",")[0]:
+            print(report)
+        level = ModelLevel(model, "target", compiled=compile_decode(model) if compile else None)
+        secs = bench_lib.time_forwards(level, tokens, a.context, repeats)
+        ms = {t: 1e3 * s for t, s in secs.items()}
         record["results"][fmt] = dict(weight_GB=weight_bytes(model) / 1e9, ms=ms)
         print(f"{fmt}: " + " ".join(f"T={t} {v:.2f} ms" for t, v in ms.items()), file=sys.stderr, flush=True)
-        del model
+        del model, level
     head = "" if record["head"] else " (no output head)"
     print(f"\n{a.preset}, {base.config.n_layer} layers{head}, {device_name}, context {a.context}\n")
     fmts = list(record["results"])
-    print("| T | " + " | ".join(f"{f} ms | {f} x T=1" for f in fmts) + " |")
-    print("|---:|" + "---:|---:|" * len(fmts))
-    for t in tokens:
-        cells = []
-        for f in fmts:
-            ms = record["results"][f]["ms"]
-            cells += [f"{ms[t]:.2f}", f"{ms[t] / ms[tokens[0]]:.2f}"]
-        print(f"| {t} | " + " | ".join(cells) + " |")
+    rows = [
+        [t]
+        + [f"{r['ms'][t]:.2f} ({r['ms'][t] / r['ms'][tokens[0]]:.2f}x)" for r in record["results"].values()]
+        for t in tokens
+    ]
+    print(bench_lib.markdown_table(["T", *(f"{f} ms (x T={tokens[0]})" for f in fmts)], rows))
     for f in fmts:  # where verifying stops being nearly free: the first T costing 1.5x one token
         ms = record["results"][f]["ms"]
         knee = next((t for t in tokens if ms[t] > 1.5 * ms[tokens[0]]), None)
         record["results"][f]["first_T_over_1.5x"] = knee
         print(f"{f}: {record['results'][f]['weight_GB']:.3f} GB of weights, first T over 1.5x T=1: {knee}")
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(record, indent=1))
+        bench_lib.write_json(a.out, record)
         plot(record, a.out.with_suffix(".png"))
     return record
 

@@ -12,25 +12,22 @@ first token. transformers runs in its default fp32 and in bf16; ours in bf16 wit
 """
 
 import argparse
-import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from checkpoint import default_checkpoint, load_model  # noqa: E402
-from scripts.bench import load_prompts  # noqa: E402
-from speculate import ModelLevel, autoregressive_decode  # noqa: E402
+import bench_lib
+from accel import accelerate
+from checkpoint import default_checkpoint, load_model
+from speculate import ModelLevel, autoregressive_decode
 
 
-def ours(dtype):
+def ours(dtype, kernels: bool):
     model, tok = load_model(device="cpu", dtype=dtype)
+    report = accelerate(model, enabled=kernels)
     level = ModelLevel(model)
 
     def run(ids, n):
@@ -38,7 +35,7 @@ def ours(dtype):
         out, st = autoregressive_decode(level, torch.tensor(ids), n)
         return time.perf_counter() - t0, st.time_to_first_token, out.tolist()
 
-    return run, tok
+    return run, tok, report
 
 
 def theirs(dtype):
@@ -65,17 +62,20 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True, help="accel.accelerate")
     p.add_argument("--out", type=Path, default=None, help="output prefix: PREFIX.json and PREFIX.md")
     a = p.parse_args(argv)
     runners = {}
-    runners["ours bf16 (kernels)"], tok = ours(torch.bfloat16)
-    runners["ours fp32"], _ = ours(torch.float32)
+    runners[f"ours bf16 (kernels {'on' if a.kernels else 'off'})"], tok, report = ours(
+        torch.bfloat16, a.kernels
+    )
+    print(report)
+    runners["ours fp32"], _, _ = ours(torch.float32, a.kernels)
     runners["transformers fp32"] = theirs(torch.float32)
     runners["transformers bf16"] = theirs(torch.bfloat16)
-    prompts = []
-    for row in load_prompts(1):
-        text = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}])
-        prompts.append(tok.encode(text, bos=tok.add_bos))
+    prompts = [
+        ids.tolist() for _, ids in bench_lib.encode_prompts(bench_lib.load_prompts(per_category=1), tok)
+    ]
     n = a.max_new_tokens
     for run in runners.values():  # warm-up
         run(prompts[0], 4)
@@ -93,29 +93,22 @@ def main(argv=None):
     for name, ts in best.items():
         tps = statistics.median(n / t for t, _ in ts)
         ms = statistics.median(1e3 * (t - f) / (n - 1) for t, f in ts if t > f) if n > 1 else 0.0
-        rows.append(dict(impl=name, tokens_per_s=tps, decode_ms_per_token=ms))
+        rows.append(
+            dict(impl=name, tokens_per_s=tps, decode_ms_per_token=ms)
+        )  # the table's columns, in order
     ref = next(r for r in rows if r["impl"] == "transformers fp32")["tokens_per_s"]
     for r in rows:
         r["vs_transformers_fp32"] = r["tokens_per_s"] / ref
-    lines = [
+    md = (
         f"SmolLM2-135M-Instruct, greedy, {len(prompts)} prompts x {n} new tokens, batch 1, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.processor() or 'CPU'}",
-        "",
-        "| implementation | tokens/s (prefill included) | decode ms/token | vs transformers fp32 |",
-        "|---|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {r['impl']} | {r['tokens_per_s']:.1f} | {r['decode_ms_per_token']:.2f} | "
-        f"{r['vs_transformers_fp32']:.2f}x |"
-        for r in rows
-    ]
-    md = "\n".join(lines)
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.processor() or 'CPU'}\n\n"
+    ) + bench_lib.markdown_table(
+        ["implementation", "tokens/s (prefill included)", "decode ms/token", "vs transformers fp32"],
+        [[r["impl"]] + [f"{r[k]:.2f}" for k in list(r)[1:]] for r in rows],
+    )
     print(md)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        record = dict(rows=rows, settings=vars(a) | {"out": str(a.out)}, machine=platform.node())
-        a.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
-        a.out.with_suffix(".md").write_text(md + "\n")
+    record = dict(bench_lib.environment(), rows=rows, settings=vars(a) | {"out": str(a.out)})
+    bench_lib.write_outputs(a.out, record, md)
     return rows
 
 

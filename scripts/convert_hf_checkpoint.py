@@ -10,9 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from checkpoint import CheckpointError, read_hf_folder, save_converted  # noqa: E402
+from checkpoint import CheckpointError, read_hf_folder, save_converted
 
 
 def main(argv=None):

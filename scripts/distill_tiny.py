@@ -42,7 +42,6 @@ import argparse
 import json
 import math
 import random
-import sys
 import sysconfig
 import time
 from dataclasses import MISSING, asdict, dataclass, field
@@ -51,13 +50,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import sampling
+from checkpoint import load_model
+from model import rope_table
+from tiny import ARTIFACT, load_tiny, save_tiny, student_from_target
 
-import sampling  # noqa: E402
-from checkpoint import load_model  # noqa: E402
-from model import rope_table  # noqa: E402
-from tiny import ARTIFACT, load_tiny, save_tiny, student_from_target  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass

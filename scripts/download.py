@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from checkpoint import read_hf_folder, save_converted
 
 
 def main(argv=None):
@@ -29,9 +29,9 @@ def main(argv=None):
         token=a.hf_token,
         allow_patterns=["*.safetensors", "*.json", "tokenizer.model", "original/tokenizer.model"],
     )
-    from scripts.convert_hf_checkpoint import main as convert
-
-    convert([str(folder)])
+    args, sd, _ = read_hf_folder(folder)
+    save_converted(folder / "model.pth", args, sd)
+    print(f"wrote {folder / 'model.pth'}")
 
 
 if __name__ == "__main__":

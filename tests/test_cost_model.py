@@ -1,4 +1,4 @@
-"""The cost model of scripts/cost_model.py against closed forms (Leviathan et al. 2023)."""
+"""The cost model (bench_lib.expected_speedup) against closed forms (Leviathan et al. 2023)."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scripts.cost_model import acceptance_from_mean_length, expected_speedup
+from bench_lib import acceptance_from_mean_length, best_k, expected_speedup
 
 prob = st.floats(0.0, 0.999)
 ks = st.integers(1, 8)
@@ -67,3 +67,12 @@ def test_tree_rounds_use_measured_tokens_and_drafting(e, t0, tv, td, c, k):
     assert expected_speedup([t0, c], [tv], [0.3], [k], [None, None], [None, None]) == expected_speedup(
         [t0, c], [tv], [0.3], [k]
     )
+
+
+@given(a=prob, t0=times, t1=st.floats(0.0, 1.0))
+def test_best_k_is_the_best_of_the_grid(a, t0, t1):
+    """best_k searches k in 1..kmax and returns the grid's maximum and its k."""
+    verify = lambda i, k: t0 * (1 + 0.1 * k)  # noqa: E731
+    sp, ks = best_k([t0, t1], verify, [a], kmax=(6,))
+    grid = {k: expected_speedup([t0, t1], [verify(0, k)], [a], [k]) for k in range(1, 7)}
+    assert math.isclose(sp, max(grid.values()), rel_tol=1e-12) and grid[ks[0]] == sp

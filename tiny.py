@@ -20,8 +20,9 @@ What the student is:
 
 How good it is (tiny/eval.json; held-out prompts, teacher-forced on the target's greedy answers): the
 draft's argmax is the target's 34% of the time (chat 25%, code 45%, summaries 22%, maths 42%; the
-untrained 4-layer early exit: 5%) at about 0.15 of a target step on one CPU thread. That is roughly
-break-even as the only draft on a CPU: 20 minutes of single-core training is far from converged.
+untrained 4-layer early exit: 5%) at about 0.15 of a target step on one CPU thread. As the only draft
+on the 2-core CPU we measured it is slower than plain decoding: 20 minutes of single-core training is
+far from converged.
 
 Exactness never depends on this file: a draft only changes speed. Load it with
 

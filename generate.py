@@ -104,7 +104,15 @@ def parse_args(argv=None):
         choices=["none", "mxfp4", "int4"],
         help="run the target itself quantized (its own outputs are then what speculation keeps)",
     )
-    p.add_argument("--adaptive", action="store_true", help="grow/shrink k per level (ablations)")
+    p.add_argument(
+        "--k-policy",
+        default="fixed",
+        choices=["fixed", "grow", "cost"],
+        help="how each level's k changes during a run (policy.py): fixed; grow (+1 after a fully accepted "
+        "round, -1 after a rejection); cost (the k with the most expected tokens/s from measured "
+        "acceptance and forward times, 0 switching a level off); --k/--k2 are then the initial k",
+    )
+    p.add_argument("--adaptive", action="store_true", help="the same as --k-policy grow")
     p.add_argument(
         "--kernels",
         action=argparse.BooleanOptionalAction,
@@ -217,7 +225,7 @@ def main(argv=None):
             ks = [d.k for d in args.drafts]
             out, stats = speculative_decode(
                 levels, prompt, args.max_new_tokens, k=ks, stop_ids=tokenizer.stop_ids, on_token=stream,
-                adaptive=args.adaptive, trees=args.trees, **sampling,
+                adaptive=args.adaptive, trees=args.trees, policy=args.k_policy, **sampling,
             )  # fmt: skip
     except ValueError as e:
         sys.exit(f"\nerror: {e}")

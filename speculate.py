@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 import sampling
+from policy import make_policy
 from sampling import RESIDUAL_EPS
 from stats import DecodeStats, LevelStats, Meter, SpecStats, format_stats, sync  # noqa: F401
 from trees import Tree, TreeShape, check_trees, tree_round  # noqa: F401 (TreeShape: for callers)
@@ -239,7 +240,8 @@ class Speculation:
     buf: the token buffer shared by all levels (prompt, then committed tokens, then in-flight drafts).
     seen[i]: leading positions of buf whose keys/values level i's cache holds (for a proposer: the
         length of its host copy of buf). Any write to buf at position t lowers every seen to <= t.
-    k[i]: tokens level i proposes per round (k[0] is unused), adapted if `adaptive`.
+    k[i]: tokens level i proposes per round (k[0] is unused; 0 switches level i off), which the
+        k policy (policy.py) may change after every round, from past outcomes only.
     origin[t]: the level that produced buf[t] (0: the target's own correction, bonus or plain step).
     trace: with trace=True, one dict per verification round (see `note`), for pictures of a run.
     """
@@ -256,13 +258,15 @@ class Speculation:
         profile=False,
         trees=None,
         trace=False,
+        policy="fixed",
     ):
         self.k = [None] + _check_levels(levels, k, temperature, top_k, top_p)
         self.trees = [None] + check_trees(levels, trees)
         self.levels = levels
         self.k_max = [None] + [2 * x for x in self.k[1:]]
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.generator, self.adaptive = generator, adaptive
+        self.generator = generator
+        self.policy = make_policy("grow" if adaptive else policy, self.k)
         self.device = getattr(levels[0], "device", torch.device("cpu"))
         self.vocab = levels[0].vocab_size
         # Timing a CUDA forward needs a sync; on the CPU the clock alone is right.
@@ -346,7 +350,7 @@ class Speculation:
             dist = residual(p[a], q[a]) if a < m else p[a]
             nxt = sampling.sample(dist, self.generator)
         if self.trace is not None:
-            self.note(i, L, x.tolist(), a)
+            self.note(i, L, x.tolist(), a, int(nxt))
         self.write(L + a, nxt.view(1), by=i)
         self.after_round(i, m, a)
         return a, None if p is None else p[: a + 1]
@@ -378,20 +382,22 @@ class Speculation:
         return m, None if self.temperature == 0 else torch.cat(rows)
 
     def after_round(self, i: int, m: int, a: int):
-        """Level i accepted a of m proposals: record it, and adapt the level below's k (adaptive). k
-        only depends on past outcomes, so the output distribution is unchanged."""
+        """Level i accepted a of m proposals: record it, and let the k policy pick the level below's
+        next k. k only depends on past outcomes, so the output distribution is unchanged."""
         self.meter.round(i, m, a)
-        if self.adaptive and m:
-            # Grow after a fully accepted round, shrink after a rejection.
-            grown = min(self.k[i + 1] + 1, self.k_max[i + 1])
-            self.k[i + 1] = grown if a == m else max(self.k[i + 1] - 1, 1)
+        if i + 1 < len(self.levels) and (m or not self.k[i + 1]):
+            used = self.stats[i + 1].k_used
+            used[self.k[i + 1]] = used.get(self.k[i + 1], 0) + 1
+        self.policy.update(self, i, m, a)
 
-    def note(self, i: int, L: int, proposed: list[int], a: int, tree_nodes: int = 0):
-        """One round in the trace: level i, at position L, kept a of the proposed tokens (their
-        producers in `by`) and added `token` (written just after)."""
-        if self.trace is not None:
-            by = self.origin[L : L + len(proposed)]
-            self.trace.append(dict(level=i, pos=L, proposed=proposed, by=by, accepted=a, nodes=tree_nodes))
+    def note(self, i: int, L: int, proposed: list[int], a: int, token: int, tree_nodes: int = 0):
+        """One round in the trace: level i, at position L, kept the first a of the proposed tokens
+        (produced by the levels in `by`; for a tree, only the accepted path) and added `token` itself
+        at L + a (a correction, a bonus or a plain step's token)."""
+        by = self.origin[L : L + len(proposed)]
+        self.trace.append(
+            dict(level=i, pos=L, proposed=proposed, by=by, accepted=a, token=token, nodes=tree_nodes)
+        )
 
     # -- one generation -------------------------------------------------------------------------------
 
@@ -420,6 +426,7 @@ class Speculation:
             level.reset(self._cache_size(i, limit))
             if P > 1 and not is_proposer(level):
                 self.logits(i, P - 2, P - 1)  # prefill: every level sees the prompt but its last token
+        self.policy.start(self)
 
         out, L = [], P
         while len(out) < max_new_tokens:
@@ -477,6 +484,7 @@ def speculative_decode(
     profile: bool = False,
     trees: list | None = None,
     trace: bool = False,
+    policy: str = "fixed",
 ) -> tuple[Tensor, SpecStats]:
     """Multi-level speculative decoding. levels[0] is the target; levels[i] proposes k[i-1] tokens per
     round to levels[i-1] (k may be one int for all), producing them by speculative decoding against
@@ -486,8 +494,10 @@ def speculative_decode(
 
     temperature 0 is exact greedy: the target's own argmax tokens whatever the drafts. Otherwise the
     output is distributed exactly as sampling from the target with this temperature/top_k/top_p.
-    adaptive: per level, k grows by 1 after a fully accepted round (up to twice the initial k) and
-    shrinks by 1 after a rejection (down to 1). profile: sync around forwards on CUDA to time them.
+    policy: how each level's k changes during the run (policy.py): "fixed", "grow" (+1 after a fully
+    accepted round, -1 after a rejection) or "cost" (the k with the most expected tokens per second
+    from measured acceptances and forward times, 0 switching a level off); adaptive=True is "grow".
+    k is then the initial k. profile: sync around forwards on CUDA to time them.
     trees: one entry per draft level, None (it drafts sequences) or a TreeShape (it drafts token trees
     k deep, which the level above verifies in one forward; see Speculation.tree_round). A model that
     drafts trees must be the last level; the levels above it may be anything. The SpecMQuant stack is
@@ -500,7 +510,9 @@ def speculative_decode(
     trace: keep one record per verification round in stats.trace (see Speculation.note).
     Returns the new ids (1-D, ending at the first stop id if one is produced) and SpecStats; its
     `origin` says which level produced each new token (0: the target itself)."""
-    run = Speculation(levels, k, temperature, top_k, top_p, generator, adaptive, profile, trees, trace)
+    run = Speculation(
+        levels, k, temperature, top_k, top_p, generator, adaptive, profile, trees, trace, policy
+    )
     return run.generate(prompt, max_new_tokens, stop_ids, on_token)
 
 

@@ -67,6 +67,7 @@ class LevelStats:
     forward_time: float | None = 0.0
     time_by_tokens: dict = field(default_factory=dict)
     tree_nodes: int = 0
+    k_used: dict = field(default_factory=dict)  # {k in effect: rounds of the level above}; 0 = off
 
     @property
     def mean_tree_nodes(self) -> float:
@@ -134,6 +135,9 @@ def format_stats(stats: SpecStats) -> str:
         lines.append(f"acceptance by {what}, level {i} {s.name}: {pos or '-'}")
         if s.tree_nodes:
             lines.append(f"mean tree verified, level {i} {s.name}: {s.mean_tree_nodes:.1f} nodes")
+        if len(s.k_used) > 1 or 0 in s.k_used:
+            used = " ".join(f"{k}:{n}" for k, n in sorted(s.k_used.items()))
+            lines.append(f"k chosen (k:rounds, 0 = off), level {i} {s.name}: {used}")
     for i, s in enumerate(stats.levels):
         if len(s.time_by_tokens) > 1:
             ms = " ".join(f"{t}:{1e3 * sec / n:.1f}" for t, (n, sec) in sorted(s.time_by_tokens.items()))

@@ -141,7 +141,8 @@ def tree_round(sp, i: int, L: int, m: int) -> tuple[int, Tensor | None]:
     a = len(path)
     sp.write(L, torch.tensor([tree.tokens[n] for n in path], device=sp.device), by=i + 1)
     sp.write(L + a, torch.tensor([nxt], device=sp.device), by=i)
-    sp.note(i, L, [tree.tokens[n] for n in path] if sp.trace is not None else [], a, len(tree))
+    if sp.trace is not None:
+        sp.note(i, L, [tree.tokens[n] for n in path], a, int(nxt), len(tree))
     if a:
         src = torch.tensor(path, device=sp.device) + L
         sp.levels[i].move_kv(src, torch.arange(L, L + a, device=sp.device))

@@ -29,7 +29,6 @@ from test_speculate import (
     tiny_model,
 )
 
-import speculate
 import trees
 from speculate import NgramProposer, Speculation, format_stats, speculative_decode
 from trees import Tree, TreeShape, candidate_acceptance, candidate_residual, tree_mask
@@ -119,7 +118,7 @@ def test_broken_tree_rule_is_detected(monkeypatch):
     # rejections before it. A sibling after x1 then comes out with (1 - p(x1)) p(x) instead of p(x): a
     # drafter close to the target, whose first child holds much of p, makes that plain (an unrelated
     # drafter would not: p = 0.27 with s1, 7e-4 with mid, 3e-41 with near, 1000 runs).
-    monkeypatch.setattr(speculate, "candidate_acceptance", lambda mass, total=1.0: list(mass))
+    monkeypatch.setattr(trees, "candidate_acceptance", lambda mass, total=1.0: list(mass))
     pv = tree_p_value(["near"], [2], TreeShape(nodes=6, topk=3), n_runs=1000)
     print(f"broken tree rule: G-test p-value {pv:.3g}")
     assert pv < 1e-6
@@ -275,8 +274,8 @@ def test_ngram_tree_merges_every_match():
 
 def test_eagle_tree_shape():
     # The drafter's tree: at most `nodes`, at most k deep, parents first, siblings best first.
-    levels, trees = tree_stack(["s1"], TreeShape(nodes=7, topk=3))
-    run = Speculation(levels, [3], trees=trees)
+    levels, shapes = tree_stack(["s1"], TreeShape(nodes=7, topk=3))
+    run = Speculation(levels, [3], trees=shapes)
     run.generate(torch.tensor(PROMPT), 1)  # sets up caches and buffers
     L = len(PROMPT)
     run.buf[:L] = torch.tensor(PROMPT)

@@ -93,11 +93,13 @@ def encode_prompts(rows: list[dict], tokenizer, chat: bool = True) -> list[tuple
 
 @dataclass
 class Stack:
-    """A built configuration: its levels (levels.build_levels), k per draft level and trees (or None)."""
+    """A built configuration: its levels (levels.build_levels), k per draft level, trees (or None) and
+    the k policy (policy.py)."""
 
     levels: list
     ks: list[int]
     trees: list | None = None
+    policy: str = "fixed"
 
 
 def as_specs(drafts) -> list:
@@ -110,7 +112,7 @@ def as_specs(drafts) -> list:
     return [d if isinstance(d, LevelSpec) else LevelSpec(d[0], int(d[1]), "tree" in d[2:]) for d in drafts]
 
 
-def build_stack(target, tokenizer, drafts, device, dtype, tree=None, **kw) -> Stack:
+def build_stack(target, tokenizer, drafts, device, dtype, tree=None, policy="fixed", **kw) -> Stack:
     """levels.build_levels for [target, *drafts] (which accelerates every model unless kernels=False);
     `tree` (a TreeShape) is the shape of the levels marked tree."""
     from levels import build_levels
@@ -118,7 +120,7 @@ def build_stack(target, tokenizer, drafts, device, dtype, tree=None, **kw) -> St
     specs = as_specs(drafts)
     levels = build_levels(target, tokenizer, specs, device, dtype, **kw)
     trees = [tree if s.tree else None for s in specs]
-    return Stack(levels, [s.k for s in specs], trees if any(trees) else None)
+    return Stack(levels, [s.k for s in specs], trees if any(trees) else None, policy)
 
 
 def record_drafts(drafts) -> list:
@@ -136,7 +138,9 @@ def decode(
     kw = dict(temperature=temperature, generator=g, stop_ids=stop_ids)
     if not stack.ks:
         return autoregressive_decode(stack.levels[0], ids, max_new, **kw)
-    return speculative_decode(stack.levels, ids, max_new, k=stack.ks, trees=stack.trees, trace=trace, **kw)
+    return speculative_decode(
+        stack.levels, ids, max_new, k=stack.ks, trees=stack.trees, trace=trace, policy=stack.policy, **kw
+    )
 
 
 def run_interleaved(

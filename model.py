@@ -143,13 +143,17 @@ class Transformer(nn.Module):
         input_pos: Tensor | None = None,
         mask: Tensor | None = None,
         positions: Tensor | None = None,
+        last: int | None = None,
     ) -> Tensor:
         """idx [B, T] token ids. input_pos [T]: the cache slots the tokens' keys/values go to (needs
         setup_caches), which are also their positions unless `positions` says otherwise.
         mask: optional bool [T, max_seq_length] (or broadcastable to [B, H, T, S]) of which cache
         slots each query may see; it replaces the causal mask.
         positions: optional [T] RoPE positions. A token tree needs both: its nodes sit in distinct
-        scratch slots, but a node's position is its depth, and it sees only its ancestors."""
+        scratch slots, but a node's position is its depth, and it sees only its ancestors.
+        last: logits for the last `last` tokens only, [B, last, vocab]. The others are fed for their keys
+        and values alone (a prompt), and the output head over every one of them can cost more than
+        the rest of a long prefill."""
         x = self.tok_embeddings(idx)
         if input_pos is None:
             freqs = rope_table(self.config, idx.shape[1], idx.device)
@@ -161,6 +165,8 @@ class Transformer(nn.Module):
                 mask = self.causal_mask[input_pos]
         for layer in self.layers:
             x = layer(x, freqs, input_pos, mask)
+        if last is not None:
+            x = x[:, -last:]
         return self.output(self.norm(x))
 
 

@@ -53,8 +53,9 @@ MIN_COMPILED_CACHE = 256
 class ModelLevel:
     """A Transformer as a decoding level: it owns its KV cache.
 
-    forward(tokens [T], start_pos) -> float32 logits [T, vocab] for positions start_pos..start_pos+T-1,
-    writing those positions of the cache. Positions past the last accepted token are simply
+    forward(tokens [T], start_pos, last=None) -> float32 logits [T, vocab] for positions
+    start_pos..start_pos+T-1 (only the last `last` of them when given), writing those positions of the
+    cache. Positions past the last accepted token are simply
     overwritten by a later forward: the cache never needs a rollback.
 
     compiled: an optional faster callable of the model for decode-sized forwards (accel.compile_decode:
@@ -81,18 +82,21 @@ class ModelLevel:
         # The modules holding caches, for move_kv (walking the whole model per tree round cost ~2 ms).
         self._caches = [m for m in self.model.modules() if hasattr(m, "k_cache") and hasattr(m, "v_cache")]
 
-    def _run(self, args: tuple, start_pos: int | None = None) -> Tensor:
-        """The model on args (tokens [1, T] first), compiled or eager: float32 [T, V]."""
+    def _run(self, args: tuple, start_pos: int | None = None, last: int | None = None) -> Tensor:
+        """The model on args (tokens [1, T] first), compiled or eager: float32 [T or last, V]."""
         T = args[0].shape[1]
         if self.compiled is None or T > COMPILE_MAX_TOKENS or start_pos == 0:
-            return self.model(*args)[0].float()
-        # Clone out of the CUDA graph's static output buffer before the next replay reuses it.
-        return self.compiled(*args)[0].float().clone()
+            return self.model(*args, last=last)[0].float()
+        # Clone out of the CUDA graph's static output buffer before the next replay reuses it. (The
+        # graph computes every row: a `last` argument would multiply the graphs per token count.)
+        out = self.compiled(*args)[0]
+        return (out if last is None else out[-last:]).float().clone()
 
     @torch.no_grad()
-    def forward(self, tokens: Tensor, start_pos: int) -> Tensor:
+    def forward(self, tokens: Tensor, start_pos: int, last: int | None = None) -> Tensor:
+        """last: logits for the last `last` tokens only (the others are fed for the cache)."""
         pos = torch.arange(start_pos, start_pos + tokens.numel(), device=self.device)
-        return self._run((tokens.view(1, -1), pos), start_pos)
+        return self._run((tokens.view(1, -1), pos), start_pos, last)
 
     @torch.no_grad()
     def forward_tree(self, tokens: Tensor, slots: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
@@ -198,7 +202,7 @@ def autoregressive_decode(
     sync(level.device)
     t0 = time.perf_counter()
     level.reset(prompt.numel() + max_new_tokens)
-    tok = pick(level.forward(prompt, 0)[-1])
+    tok = pick(level.forward(prompt, 0, last=1)[-1])
     out = []
     pos = prompt.numel()
     while True:
@@ -302,11 +306,11 @@ class Speculation:
             # Ids past a smaller draft's vocabulary (padding rows of the target) cannot be embedded.
             tokens = tokens.clamp(max=level.vocab_size - 1)
         t0 = self.meter.start()
-        out = level.forward(tokens, s)
+        out = level.forward(tokens, s, last=end - start)  # no logits for the catch-up tokens
         self.meter.stop(i, t0, end - s)
         self.seen[i] = end
         # Compare on the target's ids: drop a draft's extra padding rows.
-        return out[start - s :, : self.vocab]
+        return out[:, : self.vocab]
 
     def probs(self, logits: Tensor) -> Tensor:
         """The one warping for every level, padded with zeros to the target's vocabulary."""

@@ -108,8 +108,9 @@ def main(argv=None):
 
     stacks = {
         name: bench_lib.build_stack(
-            model, tok, c["levels"], device, dtype, tree, quantize_head=c.get("quantize_head", True),
-            compile=a.compile, target_quant=a.target_quant, kernels=a.kernels,
+            model, tok, c["levels"], device, dtype, tree, c.get("policy", "fixed"),
+            quantize_head=c.get("quantize_head", True), compile=a.compile, target_quant=a.target_quant,
+            kernels=a.kernels,
         )
         for name, c in configs.items()
     }  # fmt: skip

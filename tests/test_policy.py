@@ -33,9 +33,9 @@ class SlowLevel(ModelLevel):
         super().__init__(model, name)
         self.delay = delay
 
-    def forward(self, tokens, start_pos):
+    def forward(self, tokens, start_pos, last=None):
         time.sleep(self.delay)
-        return super().forward(tokens, start_pos)
+        return super().forward(tokens, start_pos, last)
 
 
 @settings(max_examples=40, deadline=None)

@@ -331,7 +331,7 @@ class CheckedLevel(ModelLevel):
 
     run = None
 
-    def forward(self, tokens, start_pos):
+    def forward(self, tokens, start_pos, last=None):
         out = super().forward(tokens, start_pos)
         end = start_pos + tokens.numel()
         seq = self.run.buf[:end].clamp(max=self.vocab_size - 1)
@@ -339,7 +339,7 @@ class CheckedLevel(ModelLevel):
             full = self.model(seq.view(1, -1))[0, start_pos:end].float()
         torch.testing.assert_close(out, full, atol=1e-9, rtol=1e-9)
         self.checked += 1
-        return out
+        return out if last is None else out[-last:]
 
 
 class CheckedNgram(NgramProposer):
@@ -408,7 +408,7 @@ def test_kv_check_catches_a_stale_cache(monkeypatch):
 
 def test_missing_invalidation_is_caught(monkeypatch):
     # Writes that forget to lower `seen`: the bookkeeping's own invariant trips.
-    def write(self, pos, tokens):
+    def write(self, pos, tokens, by):
         self.buf[pos : pos + tokens.numel()] = tokens
 
     monkeypatch.setattr(Speculation, "write", write)

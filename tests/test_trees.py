@@ -173,10 +173,10 @@ class CheckedTreeLevel(CheckedLevel):
         super().reset(max_seq_length)
         self.slot_tokens = {}
 
-    def forward(self, tokens, start_pos):
+    def forward(self, tokens, start_pos, last=None):
         for t, x in enumerate(tokens.tolist()):
             self.slot_tokens[start_pos + t] = x
-        return super().forward(tokens, start_pos)
+        return super().forward(tokens, start_pos, last)
 
     def forward_tree(self, tokens, slots, positions, mask):
         for s, x in zip(slots.tolist(), tokens.tolist()):

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from policy import expected_tokens
+
 DATA = Path(__file__).resolve().parent / "data"
 PROMPTS = DATA / "prompts"
 DEFINITIONS = (
@@ -336,7 +338,7 @@ def expected_speedup(
     cost = step[-1]
     for i in range(levels - 2, -1, -1):
         a = accept[i]
-        e = emitted[i] or (k[i] + 1 if a >= 1 else (1 - a ** (k[i] + 1)) / (1 - a))
+        e = emitted[i] or expected_tokens([a], k[i])
         d = drafting[i] if drafting[i] is not None else k[i] * cost
         cost = (verify[i] + d) / e
     return step[0] / cost

@@ -20,6 +20,18 @@ exact but not reproducible from run to run; fixed k is for reproducible ablation
 POLICIES = ("fixed", "grow", "cost")
 
 
+def expected_tokens(alpha: list[float], k: int) -> float:
+    """Tokens a round with k proposals yields on average: the accepted ones plus the verifier's own,
+    1 + a_1 + a_1 a_2 + ... + a_1...a_k, with a_s the acceptance at draft position s (positions past
+    the end of `alpha` take its last value; [a] alone is Leviathan et al.'s i.i.d. case, whose sum is
+    (1 - a^(k+1)) / (1 - a)). The one formula of the cost model, here and in bench_lib."""
+    total, survive = 1.0, 1.0
+    for s in range(k):
+        survive *= alpha[min(s, len(alpha) - 1)]
+        total += survive
+    return total
+
+
 class Fixed:
     def __init__(self, k: list):
         self.k = k
@@ -91,11 +103,9 @@ class CostModel(Fixed):
         # Acceptance at each draft position, with one pseudo-accept and one pseudo-reject (a uniform
         # prior), and positions never reached taking the last reached one's value.
         alpha = [(acc + 1) / (r + 2) for acc, r in zip(s.accepted_at, s.reached)] or [0.5]
-        best, best_rate, expected, survive = 0, 1.0 / v(1), 1.0, 1.0
+        best, best_rate = 0, 1.0 / v(1)
         for k in range(1, self.k_max[j] + 1):
-            survive *= alpha[min(k - 1, len(alpha) - 1)]
-            expected += survive
-            rate = expected / (k * c + v(k + 1))
+            rate = expected_tokens(alpha, k) / (k * c + v(k + 1))
             if rate > best_rate:
                 best, best_rate = k, rate
         return best

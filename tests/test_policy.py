@@ -73,9 +73,9 @@ def test_cost_policy_switches_off_a_dear_draft():
 
 
 def test_cost_policy_grows_k_for_a_cheap_exact_draft():
-    """An exact copy of a target that takes 10 ms per forward: every proposal is accepted and drafting
+    """An exact copy of a target that takes 50 ms per forward: every proposal is accepted and drafting
     is cheap, so the policy grows k past its initial value."""
-    levels = [SlowLevel(tiny_model(0), "slow target", 0.01), level(draft_pool()["copy"], "copy")]
+    levels = [SlowLevel(tiny_model(0), "slow target", 0.05), level(draft_pool()["copy"], "copy")]
     out, stats = speculative_decode(levels, torch.tensor(PROMPT), 40, k=[2], policy="cost")
     assert out.tolist() == greedy_reference(PROMPT, 40)
     assert max(stats.levels[1].k_used) > 2, stats.levels[1].k_used

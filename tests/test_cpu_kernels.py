@@ -285,6 +285,8 @@ except RuntimeError:
     print("CALL: refused")
 # The model's layer still works, on PyTorch's path.
 layer = MXFP4Linear.from_linear(torch.nn.Linear(64, 24, bias=False))
+import accel
+accel.accelerate(layer)  # the twin must fall back to the plain layer's maths
 x = torch.randn(3, 64)
 ref = x @ dequantize(layer.codes, layer.scales, torch.float32).T
 torch.testing.assert_close(layer(x), ref)

@@ -23,6 +23,7 @@ import torch.nn.functional as F  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+import accel  # noqa: E402
 from int4 import (  # noqa: E402
     GROUP_SIZE,
     Int4Linear,
@@ -346,19 +347,19 @@ def test_layer_equals_dequantize_then_matmul(dtype):
     assert layer.codes.shape == (40, 128) and layer.scales.shape == (40, 2)
     x = torch.randn(2, 3, 256).to(dtype)
     expected = F.linear(x, dequantize(layer.codes, layer.scales, dtype)) + linear.bias.to(dtype)
-    # The PyTorch path (taken when x wants a gradient): exactly F.linear on the dequantized weight.
-    assert torch.equal(layer(x.clone().requires_grad_()), expected)
+    # The plain layer: exactly F.linear on the dequantized weight.
+    assert torch.equal(layer(x), expected)
+    fast = Int4Linear.from_linear(linear)
+    accel.accelerate(fast)  # the kernel-backed twin: the C++ kernel where available, else the same path
     with torch.no_grad():
-        y = layer(x)  # the CPU kernel where available, else the same PyTorch path
+        y = fast(x)
     assert y.dtype == dtype and y.shape == (2, 3, 40)
     # The kernel multiplies the exact fp32 weights; bf16's PyTorch path rounds them to bf16 first.
     tol = 1e-5 if dtype == torch.float32 else 2.0**-6
     torch.testing.assert_close(y, expected, rtol=tol, atol=tol)
-    layer.bias = None
+    fast.bias = None
     with torch.no_grad():
-        check_matmul(
-            layer(x), x, dequantize(layer.codes, layer.scales, torch.float64), out_rel_interpret=False
-        )
+        check_matmul(fast(x), x, dequantize(fast.codes, fast.scales, torch.float64), out_rel_interpret=False)
 
 
 def test_fallback_when_the_cpu_kernels_are_disabled():
@@ -370,6 +371,8 @@ from int4 import Int4Linear, dequantize
 from kernels import cpu
 assert not cpu.available()
 layer = Int4Linear.from_linear(torch.nn.Linear(128, 24, bias=False), scale_dtype=torch.float16)
+import accel
+accel.accelerate(layer)  # the twin must fall back to the plain layer's maths
 x = torch.randn(3, 128)
 w = dequantize(layer.codes, layer.scales, torch.float32)
 with torch.no_grad():

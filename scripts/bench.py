@@ -14,6 +14,7 @@ is the min-max of the per-repeat speedups. Writes PREFIX.json and PREFIX.md with
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -146,7 +147,38 @@ def main(argv=None):
         bench_lib.environment(device), model=model_name, dtype=str(dtype), settings=vars(a), results=rows
     )
     bench_lib.write_outputs(a.out, record, md)
+    if a.out:
+        plot(rows, head, Path(f"{a.out}.png"))
     return rows
+
+
+def plot(rows, title: str, path: Path):
+    """Speedup over AR per configuration (bars) with its min-max over repeats, one colour per T."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    temps = sorted({r["temperature"] for r in rows})
+    width = 0.8 / len(temps)
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(configs) + 2), 4.2))
+    for j, t in enumerate(temps):
+        got = {r["config"]: r for r in rows if r["temperature"] == t}
+        xs = [i + (j - (len(temps) - 1) / 2) * width for i, c in enumerate(configs) if c in got]
+        rs = [got[c] for c in configs if c in got]
+        ys = [r["speedup"] for r in rs]
+        err = [[y - r["speedup_min"] for y, r in zip(ys, rs)], [r["speedup_max"] - y for y, r in zip(ys, rs)]]
+        label = "greedy" if t == 0 else f"T = {t:g}"
+        ax.bar(xs, ys, width, yerr=err, capsize=3, label=label)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(configs)), configs, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("speedup over AR (same run)")
+    ax.set_title(title[:110] + ("..." if len(title) > 110 else ""), fontsize=7)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

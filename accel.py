@@ -73,37 +73,54 @@ class FastLinear(nn.Linear):
 
 
 class FastMXFP4Linear(mxfp4.MXFP4Linear):
-    """MXFP4Linear reading its packed weight directly: Triton on CUDA, C++ on the CPU."""
+    """MXFP4Linear reading its packed weight directly: Triton on CUDA, C++ on the CPU.
+
+    int8_activations (set by accelerate): on a CPU with AVX512-VNNI, round x to int8 per block of 32
+    and use integer dot products (kernels/cpu mxfp4_linear_i8): faster, but not MXFP4Linear's bits,
+    so a level's numerics. Ignored on CUDA and on CPUs without VNNI (the exact kernel runs)."""
+
+    int8_activations: bool = False
+
+    def _int8(self) -> bool:
+        return self.int8_activations and cpu_kernels.vnni_available()
 
     def forward(self, x: Tensor) -> Tensor:
         if x.is_cuda and mxfp4_triton is not None and x.dtype in KERNEL_DTYPES:
             y = mxfp4_triton(x.reshape(-1, self.in_features), self.codes, self.scales)
             y = y.view(*x.shape[:-1], self.out_features)
         elif cpu_kernels.usable(x):
-            y = cpu_kernels.mxfp4_linear(x, self.codes, self.scales)
+            linear = cpu_kernels.mxfp4_linear_i8 if self._int8() else cpu_kernels.mxfp4_linear
+            y = linear(x, self.codes, self.scales)
         else:
             return super().forward(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def cpu_spec(self):
-        return 1, self.codes, self.scales
+        return 3 if self._int8() else 1, self.codes, self.scales
 
 
 class FastInt4Linear(int4.Int4Linear):
-    """Int4Linear reading its packed weight directly: Triton on CUDA, C++ on the CPU."""
+    """Int4Linear reading its packed weight directly: Triton on CUDA, C++ on the CPU. int8_activations
+    as FastMXFP4Linear's (kernels/cpu int4_linear_i8)."""
+
+    int8_activations: bool = False
+
+    def _int8(self) -> bool:
+        return self.int8_activations and cpu_kernels.vnni_available()
 
     def forward(self, x: Tensor) -> Tensor:
         if x.is_cuda and int4_triton is not None and x.dtype in KERNEL_DTYPES:
             y = int4_triton(x.reshape(-1, self.in_features), self.codes, self.scales)
             y = y.view(*x.shape[:-1], self.out_features)
         elif cpu_kernels.usable(x):
-            y = cpu_kernels.int4_linear(x, self.codes, self.scales)
+            linear = cpu_kernels.int4_linear_i8 if self._int8() else cpu_kernels.int4_linear
+            y = linear(x, self.codes, self.scales)
         else:
             return super().forward(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def cpu_spec(self):
-        return 2, self.codes, self.scales
+        return 4 if self._int8() else 2, self.codes, self.scales
 
 
 class FastSubsetHead(tiny.SubsetHead):
@@ -281,11 +298,13 @@ class Report:
         return line
 
 
-def accelerate(model: nn.Module, enabled: bool = True) -> Report:
+def accelerate(model: nn.Module, enabled: bool = True, int8_activations: bool = False) -> Report:
     """Swap every module of `model` that has a twin (above) for it, in place; with enabled=False, swap
     twins back to their plain classes. Twins that mirror an edited model.py function are left off.
     Safe to call on a model that is already (partly) accelerated, and on models on any device: twins
-    only call kernels for inputs the kernels take."""
+    only call kernels for inputs the kernels take.
+    int8_activations: the MXFP4 and int4 twins round their input to int8 on CPUs with AVX512-VNNI
+    (FastMXFP4Linear says what that changes); every call sets it, on or off, on all of them."""
     kernels = cpu_kernels.available() if enabled else False
     edited = edited_functions() if enabled else []
     report = Report(enabled, kernels, None if kernels or not enabled else cpu_kernels.unavailable_reason())
@@ -304,6 +323,10 @@ def accelerate(model: nn.Module, enabled: bool = True) -> Report:
             module.__class__ = want
         if want is twin:
             report.swapped[twin.__name__] = report.swapped.get(twin.__name__, 0) + 1
+            if twin in (FastMXFP4Linear, FastInt4Linear):
+                module.int8_activations = int8_activations
+        else:
+            module.__dict__.pop("int8_activations", None)
     return report
 
 

@@ -5,12 +5,15 @@ over the KV cache, RMSNorm and RoPE.
     if cpu_kernels.available():                    # builds the extension on first use
         y = cpu_kernels.mxfp4_linear(x, codes, scales)   # W in MXFP4, mxfp4.py's layout as is
         y = cpu_kernels.int4_linear(x, codes, scales)    # W in int4 (W4A16), int4.py's layout as is
+        if cpu_kernels.vnni_available():                 # the same weights, x rounded to int8 (W4A8)
+            y = cpu_kernels.mxfp4_linear_i8(x, codes, scales)
+            y = cpu_kernels.int4_linear_i8(x, codes, scales)
         y = cpu_kernels.bf16_linear(x, w_bf16)           # W in bf16 [N, K]
         y = cpu_kernels.attention(q, k_cache, v_cache, mask)   # [B, H, T, D] over [B, KVH, S, D]
         y = cpu_kernels.rms_norm(x, weight, eps); y = cpu_kernels.rope(q, freqs)
 
 Who calls them: the kernel-backed twins of model.py's, mxfp4.py's and int4.py's modules in
-accelerate.py, each behind `usable(...)` with the plain module's own code as the fallback. Every one of
+accel.py, each behind `usable(...)` with the plain module's own code as the fallback. Every one of
 them computes each output row alone, by the same operations whatever the number of rows, so a
 verification forward over k+1 tokens gives bit-identical logits to k+1 one-token steps (with bf16,
 MXFP4 or int4 weights; an fp32 target still goes through torch's GEMM, which is not M-invariant).
@@ -25,6 +28,15 @@ accumulated in fp32. No autograd (call them under torch.no_grad() or inference_m
                 [N, K/G] (G, read from the shapes, a multiple of 32), no repacking. Equals
                 dequantize(codes, scales, float32)-then-matmul up to the order of the fp32 additions
                 (q * scale is exact in fp32).
+  mxfp4_linear_i8, int4_linear_i8
+                the same weights with x quantized to int8 per block of 32 elements (one fp32 scale
+                each, amax / 127, round half to even), exact integer dot products per block (AVX512-VNNI
+                vpdpbusd), each block's sum scaled by (weight scale x activation scale) and added in
+                fp32 in a fixed order: kernels_vnni.cpp gives the maths to the rounding, and
+                tests/test_vnni.py reproduces it bit for bit in PyTorch. Faster than the exact kernels
+                where those are bound by decoding (not by memory), but not their bits: rounding x to
+                8 bits changes a level's numerics, so accel.py makes it a per-layer choice
+                (int8_activations). Needs vnni_available(); M-invariant like the others.
   bf16_linear   x is rounded to bf16 (nearest even) first, as vdpbf16ps needs, so the result is that
                 of a bf16 x bf16 matmul with fp32 accumulation, on every CPU. The default kernel does
                 exact fp32 FMAs on the bf16 values (bf16 -> fp32 is a shift), odd element then even
@@ -80,6 +92,9 @@ __all__ = [
     "unavailable_reason",
     "mxfp4_linear",
     "int4_linear",
+    "mxfp4_linear_i8",
+    "int4_linear_i8",
+    "vnni_available",
     "bf16_linear",
     "block",
     "attention",
@@ -88,7 +103,9 @@ __all__ = [
     "info",
 ]
 
-_SOURCES = ("ops.cpp", "kernels_avx512.cpp", "attention_avx512.cpp", "norm_rope.cpp", "block.cpp")
+_SOURCES = (
+    "ops.cpp", "kernels_avx512.cpp", "kernels_vnni.cpp", "attention_avx512.cpp", "norm_rope.cpp", "block.cpp",
+)  # fmt: skip
 _HEADERS = ("kernels.h", "thread_pool.h")
 # -O3 and nothing target-specific: the kernels carry their own target attributes and are only called
 # after a run-time CPU check. -ffp-contract=off: no fused multiply-adds other than the written ones.
@@ -190,6 +207,14 @@ def _register_fakes():
     def _(x, codes, scales):
         return x.new_empty((*x.shape[:-1], codes.shape[0]))
 
+    @torch.library.register_fake("specqd_cpu::mxfp4_linear_i8")
+    def _(x, codes, scales):
+        return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
+    @torch.library.register_fake("specqd_cpu::int4_linear_i8")
+    def _(x, codes, scales):
+        return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
     @torch.library.register_fake("specqd_cpu::bf16_linear")
     def _(x, w):
         return x.new_empty((*x.shape[:-1], w.shape[0]))
@@ -259,6 +284,35 @@ def int4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> t
     return (_EXT or _require()).int4_linear(x, codes, scales)
 
 
+_VNNI: bool | None = None
+
+
+def vnni_available() -> bool:
+    """Whether the int8-activation kernels (mxfp4_linear_i8, int4_linear_i8) can run: available() and
+    a CPU that reports AVX512-VNNI. (Asked by every 4-bit layer on every call: answered once.)"""
+    global _VNNI
+    if _VNNI is None:
+        ext = _EXT if _TRIED else _ensure()
+        _VNNI = ext is not None and bool(ext.cpu_has_avx512_vnni())
+    return _VNNI
+
+
+def mxfp4_linear_i8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """mxfp4_linear with x quantized to int8 per block of 32 (AVX512-VNNI; see the module docstring):
+    [..., N] in x's dtype. Needs vnni_available()."""
+    if torch.compiler.is_compiling():
+        return torch.ops.specqd_cpu.mxfp4_linear_i8(x, codes, scales)
+    return (_EXT or _require()).mxfp4_linear_i8(x, codes, scales)
+
+
+def int4_linear_i8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int4_linear with x quantized to int8 per block of 32 (AVX512-VNNI): [..., N] in x's dtype.
+    Needs vnni_available()."""
+    if torch.compiler.is_compiling():
+        return torch.ops.specqd_cpu.int4_linear_i8(x, codes, scales)
+    return (_EXT or _require()).int4_linear_i8(x, codes, scales)
+
+
 def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., K] (float32 or bfloat16, rounded to bf16) @ w.T, w bfloat16 [N, K]: [..., N] in x's dtype."""
     if torch.compiler.is_compiling():
@@ -312,7 +366,8 @@ def block(x, weights, kinds, k_cache, v_cache, input_pos, freqs, mask, n_head, n
     + SwiGLU(norm(.)), with rms_norm, the linears, rope, the cache write and attention as the functions
     above compute them, in that order, so the bits equal those of calling them one by one.
     weights: [attention_norm, ffn_norm] then two tensors per linear (wqkv, wo, w1, w3, w2), each of
-    kinds[j]: 0 bf16 (the weight twice), 1 MXFP4 (codes, scales), 2 int4 (codes, scales)."""
+    kinds[j]: 0 bf16 (the weight twice), 1 MXFP4 (codes, scales), 2 int4 (codes, scales), 3 and 4 MXFP4
+    and int4 with int8 activations (mxfp4_linear_i8, int4_linear_i8: only where vnni_available())."""
     return (_EXT or _require()).block(
         x, weights, kinds, k_cache, v_cache, input_pos, freqs, mask, n_head, n_kv_head, head_dim, eps,
         head_dim**-0.5,
@@ -320,13 +375,14 @@ def block(x, weights, kinds, k_cache, v_cache, input_pos, freqs, mask, n_head, n
 
 
 def info() -> dict:
-    """What is in use: availability, reason, whether the CPU reports avx512_bf16, whether bf16_linear
-    uses vdpbf16ps, threads."""
+    """What is in use: availability, reason, whether the CPU reports avx512_bf16 and avx512_vnni, whether
+    bf16_linear uses vdpbf16ps, threads."""
     ext = _ensure()
     return {
         "available": ext is not None,
         "reason": _REASON,
         "avx512_bf16_reported": bool(ext and ext.cpu_has_avx512_bf16()),
+        "avx512_vnni": bool(ext and ext.cpu_has_avx512_vnni()),
         "bf16_dot": bool(ext and ext.bf16_dot_in_use()),
         "threads": torch.get_num_threads(),
     }

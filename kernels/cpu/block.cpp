@@ -4,7 +4,7 @@
 // Python around them (module calls, attribute look-ups, views, the checks that pick a kernel) cost
 // another ~5 ms: 30 blocks x ~20 small calls. Here the same kernels and the same ATen operations run
 // in the same order as model.py's eager code, so the result is bit for bit the same, with the Python
-// gone. model.py keeps the readable version; kernels/cpu/__init__.py (block_usable) decides when
+// gone. model.py keeps the readable version; accel.py (FastBlock._fused) decides when
 // this one may stand in for it.
 //
 //   h   = x + wo(attention(rope(q), rope(k) -> cache, v -> cache, mask))   q, k, v = split(wqkv(norm1(x)))
@@ -19,6 +19,8 @@ namespace specqd_cpu {
 at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales);  // ops.cpp
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales);   // ops.cpp
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w);                                 // ops.cpp
+at::Tensor mxfp4_linear_i8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales);  // ops.cpp
+at::Tensor int4_linear_i8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales);   // ops.cpp
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                      double scale);                                                               // ops.cpp
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);                   // norm_rope.cpp
@@ -27,12 +29,14 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& freqs);                  
 namespace {
 
 // A linear layer as the Python side describes it: kind 0 = bf16 weight `a`; 1 = MXFP4 codes `a`,
-// scales `b`; 2 = int4 codes `a`, scales `b`.
+// scales `b`; 2 = int4 codes `a`, scales `b`; 3 and 4 = MXFP4 and int4 with int8 activations (VNNI).
 at::Tensor linear(int64_t kind, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b) {
   switch (kind) {
     case 0: return bf16_linear(x, a);
     case 1: return mxfp4_linear(x, a, b);
     case 2: return int4_linear(x, a, b);
+    case 3: return mxfp4_linear_i8(x, a, b);
+    case 4: return int4_linear_i8(x, a, b);
   }
   TORCH_CHECK(false, "block: unknown linear kind ", kind);
 }

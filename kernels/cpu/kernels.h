@@ -13,6 +13,7 @@ namespace specqd_cpu {
 // What the CPU and the OS support, checked once (cpuid + xgetbv, through the compiler's builtins).
 bool cpu_has_avx512();       // AVX-512 F + BW + DQ + VL: every kernel needs these
 bool cpu_has_avx512_bf16();  // vdpbf16ps
+bool cpu_has_avx512_vnni();  // vpdpbusd: the int8-activation kernels (kernels_vnni.cpp)
 
 // ---- activations: x [M, K] in, a per-call scratch layout out --------------------------------
 //
@@ -53,6 +54,23 @@ void bf16_rows_dot(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* w, 
 
 // Whether this build contains the vdpbf16ps kernel (the compiler knew the instruction).
 bool built_with_bf16_dot();
+
+// ---- int8 activations, AVX512-VNNI (kernels_vnni.cpp; call only when cpu_has_avx512_vnni()) ------
+//
+// x [M, K] (fp32, or bf16 bits when x_bf16; K % 32 == 0) quantized to int8 per block of 32 with one fp32
+// scale each, laid out for the kernels: i8_scratch_bytes(M, K) bytes, 64-byte aligned, per group of 16
+// blocks and row kI8GroupBytes (kernels_vnni.cpp describes the layout). offset: 12 for the MXFP4
+// kernel, 8 for int4 (the bias of their unsigned weight bytes, taken back out per block).
+constexpr int64_t kI8GroupBytes = 640;
+int64_t i8_scratch_bytes(int64_t M, int64_t K);
+void prep_i8(const void* x, bool x_bf16, int64_t M, int64_t K, int32_t offset, uint8_t* xp);
+// Output rows [n0, n1) of y [M, N], the weights as mxfp4_rows / int4_rows take them. Bit-identical across
+// M, row ranges and threads, as the exact kernels.
+void mxfp4_i8_rows(const uint8_t* xp, int64_t M, int64_t K, const uint8_t* codes, const uint8_t* scales,
+                   int64_t N, int64_t n0, int64_t n1, void* y, bool y_bf16);
+void int4_i8_rows(const uint8_t* xp, int64_t M, int64_t K, int64_t group, const uint8_t* codes,
+                  const uint16_t* scales, bool scales_f16, int64_t N, int64_t n0, int64_t n1, void* y,
+                  bool y_bf16);
 
 }  // namespace specqd_cpu
 

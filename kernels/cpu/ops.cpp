@@ -118,19 +118,53 @@ std::vector<int64_t> out_shape(const at::Tensor& x, int64_t N) {
 
 }  // namespace
 
+namespace {
+
+// The argument checks of the MXFP4 and int4 linears (the exact and the int8 kernels alike).
+void check_mxfp4(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const char* what) {
+  check_common(x, codes, what);
+  TORCH_CHECK(codes.scalar_type() == at::kByte && scales.scalar_type() == at::kByte, what,
+              ": codes and scales must be uint8");
+  TORCH_CHECK(codes.dim() == 2 && scales.dim() == 2, what, ": codes and scales must be 2-D");
+  const int64_t N = codes.size(0), K = codes.size(1) * 2;
+  TORCH_CHECK(K % 32 == 0 && scales.size(0) == N && scales.size(1) == K / 32, what, ": scales ", scales.sizes(),
+              " do not match codes ", codes.sizes());
+  TORCH_CHECK(x.size(-1) == K, what, ": x has ", x.size(-1), " features, the weight ", K);
+  TORCH_CHECK(scales.device().is_cpu(), what, ": CPU tensors expected");
+}
+
+void check_int4(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const char* what) {
+  check_common(x, codes, what);
+  TORCH_CHECK(codes.scalar_type() == at::kByte, what, ": codes must be uint8");
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 || scales.scalar_type() == at::kHalf, what,
+              ": scales must be bfloat16 or float16, got ", scales.scalar_type());
+  TORCH_CHECK(codes.dim() == 2 && scales.dim() == 2, what, ": codes and scales must be 2-D");
+  const int64_t N = codes.size(0), K = codes.size(1) * 2, G = scales.size(1);
+  TORCH_CHECK(scales.size(0) == N && G > 0 && K % G == 0 && (K / G) % 32 == 0, what, ": scales ", scales.sizes(),
+              " do not match codes ", codes.sizes(), " (groups must be a multiple of 32 wide)");
+  TORCH_CHECK(x.size(-1) == K, what, ": x has ", x.size(-1), " features, the weight ", K);
+  TORCH_CHECK(scales.device().is_cpu(), what, ": CPU tensors expected");
+}
+
+// x (contiguous, M rows of K) quantized to int8 for the VNNI kernels, in scratch memory (held by
+// `keep` if big); offset as prep_i8 says.
+const uint8_t* int8_x(const at::Tensor& xc, int64_t M, int64_t K, int32_t offset, at::Tensor& keep) {
+  uint8_t* xp = static_cast<uint8_t*>(scratch(i8_scratch_bytes(M, K), keep));
+  prep_i8(xc.data_ptr(), xc.scalar_type() == at::kBFloat16, M, K, offset, xp);
+  return xp;
+}
+
+void check_vnni(const char* what) {
+  TORCH_CHECK(cpu_has_avx512_vnni(), what, " needs AVX512-VNNI, which this CPU lacks; check vnni_available() first");
+}
+
+}  // namespace
+
 // y = x @ W.T with W in MXFP4 (codes [N, K/2], scales [N, K/32], mxfp4.py's layout). x float32 or
 // bfloat16 [..., K]; y [..., N] in x's dtype, accumulated in fp32.
 at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
-  check_common(x, codes, "mxfp4_linear");
-  TORCH_CHECK(codes.scalar_type() == at::kByte && scales.scalar_type() == at::kByte,
-              "mxfp4_linear: codes and scales must be uint8");
-  TORCH_CHECK(codes.dim() == 2 && scales.dim() == 2, "mxfp4_linear: codes and scales must be 2-D");
+  check_mxfp4(x, codes, scales, "mxfp4_linear");
   const int64_t N = codes.size(0), K = codes.size(1) * 2;
-  TORCH_CHECK(K % 32 == 0 && scales.size(0) == N && scales.size(1) == K / 32, "mxfp4_linear: scales ",
-              scales.sizes(), " do not match codes ", codes.sizes());
-  TORCH_CHECK(x.size(-1) == K, "mxfp4_linear: x has ", x.size(-1), " features, the weight ", K);
-  TORCH_CHECK(scales.device().is_cpu(), "mxfp4_linear: CPU tensors expected");
-
   const at::Tensor xc = x.contiguous(), cc = codes.contiguous(), sc = scales.contiguous();
   const int64_t M = leading_rows(xc);
   at::Tensor y = at::empty(out_shape(x, N), x.options());
@@ -147,20 +181,33 @@ at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& codes, const at::
   return y;
 }
 
+// mxfp4_linear with x quantized to int8 per block of 32 and integer dot products (AVX512-VNNI;
+// kernels_vnni.cpp gives the exact maths). Not the bits of mxfp4_linear: a level's choice.
+at::Tensor mxfp4_linear_i8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
+  check_mxfp4(x, codes, scales, "mxfp4_linear_i8");
+  check_vnni("mxfp4_linear_i8");
+  const int64_t N = codes.size(0), K = codes.size(1) * 2;
+  const at::Tensor xc = x.contiguous(), cc = codes.contiguous(), sc = scales.contiguous();
+  const int64_t M = leading_rows(xc);
+  at::Tensor y = at::empty(out_shape(x, N), x.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0) return y.zero_();
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+
+  at::Tensor keep;
+  const uint8_t* xp = int8_x(xc, M, K, 12, keep);
+  const uint8_t* cp = cc.data_ptr<uint8_t>();
+  const uint8_t* sp = sc.data_ptr<uint8_t>();
+  void* yp = y.data_ptr();
+  for_rows(N, K / 2 + K / 32, [&](int64_t n0, int64_t n1) { mxfp4_i8_rows(xp, M, K, cp, sp, N, n0, n1, yp, bf16); });
+  return y;
+}
+
 // y = x @ W.T with W in int4 (codes [N, K/2], scales bf16 or fp16 [N, K/G], int4.py's layout). x float32
 // or bfloat16 [..., K]; y [..., N] in x's dtype, accumulated in fp32.
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
-  check_common(x, codes, "int4_linear");
-  TORCH_CHECK(codes.scalar_type() == at::kByte, "int4_linear: codes must be uint8");
-  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 || scales.scalar_type() == at::kHalf,
-              "int4_linear: scales must be bfloat16 or float16, got ", scales.scalar_type());
-  TORCH_CHECK(codes.dim() == 2 && scales.dim() == 2, "int4_linear: codes and scales must be 2-D");
+  check_int4(x, codes, scales, "int4_linear");
   const int64_t N = codes.size(0), K = codes.size(1) * 2, G = scales.size(1);
-  TORCH_CHECK(scales.size(0) == N && G > 0 && K % G == 0 && (K / G) % 32 == 0, "int4_linear: scales ",
-              scales.sizes(), " do not match codes ", codes.sizes(), " (groups must be a multiple of 32 wide)");
-  TORCH_CHECK(x.size(-1) == K, "int4_linear: x has ", x.size(-1), " features, the weight ", K);
-  TORCH_CHECK(scales.device().is_cpu(), "int4_linear: CPU tensors expected");
-
   const at::Tensor xc = x.contiguous(), cc = codes.contiguous(), sc = scales.contiguous();
   const int64_t M = leading_rows(xc);
   at::Tensor y = at::empty(out_shape(x, N), x.options());
@@ -177,6 +224,30 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   void* yp = y.data_ptr();
   for_rows(N, K / 2 + 2 * G,
            [&](int64_t n0, int64_t n1) { int4_rows(xp, M, K, group, cp, sp, f16, N, n0, n1, yp, bf16); });
+  return y;
+}
+
+// int4_linear with x quantized to int8 per block of 32 (AVX512-VNNI), as mxfp4_linear_i8.
+at::Tensor int4_linear_i8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
+  check_int4(x, codes, scales, "int4_linear_i8");
+  check_vnni("int4_linear_i8");
+  const int64_t N = codes.size(0), K = codes.size(1) * 2, G = scales.size(1);
+  const at::Tensor xc = x.contiguous(), cc = codes.contiguous(), sc = scales.contiguous();
+  const int64_t M = leading_rows(xc);
+  at::Tensor y = at::empty(out_shape(x, N), x.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0) return y.zero_();
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+
+  at::Tensor keep;
+  const uint8_t* xp = int8_x(xc, M, K, 8, keep);
+  const uint8_t* cp = cc.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr());
+  const bool f16 = scales.scalar_type() == at::kHalf;
+  const int64_t group = K / G;
+  void* yp = y.data_ptr();
+  for_rows(N, K / 2 + 2 * G,
+           [&](int64_t n0, int64_t n1) { int4_i8_rows(xp, M, K, group, cp, sp, f16, N, n0, n1, yp, bf16); });
   return y;
 }
 
@@ -275,6 +346,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 TORCH_LIBRARY(specqd_cpu, m) {
   m.def("mxfp4_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
+  m.def("mxfp4_linear_i8(Tensor x, Tensor codes, Tensor scales) -> Tensor");
+  m.def("int4_linear_i8(Tensor x, Tensor codes, Tensor scales) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -283,6 +356,8 @@ TORCH_LIBRARY(specqd_cpu, m) {
 TORCH_LIBRARY_IMPL(specqd_cpu, CPU, m) {
   m.impl("mxfp4_linear", &specqd_cpu::mxfp4_linear);
   m.impl("int4_linear", &specqd_cpu::int4_linear);
+  m.impl("mxfp4_linear_i8", &specqd_cpu::mxfp4_linear_i8);
+  m.impl("int4_linear_i8", &specqd_cpu::int4_linear_i8);
   m.impl("bf16_linear", &specqd_cpu::bf16_linear);
   m.impl("attention", &specqd_cpu::attention);
   m.impl("rms_norm", &specqd_cpu::rms_norm);
@@ -296,6 +371,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scales"));
   m.def("int4_linear", &int4_linear, "y = x @ W.T, W in int4 (codes, bf16/fp16 group scales)", py::arg("x"),
         py::arg("codes"), py::arg("scales"));
+  m.def("mxfp4_linear_i8", &mxfp4_linear_i8, "y = x @ W.T, W in MXFP4, x quantized to int8 per block of 32",
+        py::arg("x"), py::arg("codes"), py::arg("scales"));
+  m.def("int4_linear_i8", &int4_linear_i8, "y = x @ W.T, W in int4, x quantized to int8 per block of 32",
+        py::arg("x"), py::arg("codes"), py::arg("scales"));
   m.def("bf16_linear", &bf16_linear, "y = x @ W.T, W in bf16, x rounded to bf16", py::arg("x"), py::arg("w"));
   m.def("attention", &attention, "softmax(q k^T * scale, mask) v over a KV cache", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("mask"), py::arg("scale"));
@@ -304,6 +383,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block", &block, "model.py's TransformerBlock (cached path) in one call");
   m.def("cpu_has_avx512", &cpu_has_avx512);
   m.def("cpu_has_avx512_bf16", &cpu_has_avx512_bf16);
+  m.def("cpu_has_avx512_vnni", &cpu_has_avx512_vnni);
   m.def("built_with_bf16_dot", &built_with_bf16_dot);
   m.def("bf16_dot_in_use", &bf16_dot_in_use);
   m.def("set_bf16_dot_mode", [](int mode) { g_bf16_dot_mode = mode <= 0 ? 0 : mode >= 2 ? 2 : 1; });

@@ -106,11 +106,12 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--k-policy",
-        default="fixed",
+        default="cost",
         choices=["fixed", "grow", "cost"],
         help="how each level's k changes during a run (policy.py): fixed; grow (+1 after a fully accepted "
         "round, -1 after a rejection); cost (the k with the most expected tokens/s from measured "
-        "acceptance and forward times, 0 switching a level off); --k/--k2 are then the initial k",
+        "acceptance and forward times, 0 switching a level off; the default); --k/--k2 are then the "
+        "initial k. Use fixed for reproducible ablations: cost decides from measured times",
     )
     p.add_argument("--adaptive", action="store_true", help="the same as --k-policy grow")
     p.add_argument(

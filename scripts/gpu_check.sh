@@ -1,19 +1,18 @@
 #!/usr/bin/env bash
-# What this project still owes a GPU, as one prepared run per part, for a session lent a GPU for a few
-# minutes (the device tool: one command of at most 10 minutes, 15 minutes of device time in all, the
-# machine's start included: about one part per session, so run them in order over sessions).
+# What this project still owes a GPU, as one prepared run per part, for a GPU lent for a few minutes at
+# a time (one command of at most 10 minutes: about one part per loan, so run them in order).
 #
 #   bash scripts/gpu_check.sh 1     # ~9 min: the C++ CPU kernels' build (C++17 on torch 2.11), Triton
-#                                   #   kernels on this torch/triton, compiled decoding, issue 8's
-#                                   #   layer-shard timings and the TP projection from them
+#                                   #   kernels on this torch/triton, compiled decoding, tensor
+#                                   #   parallelism's layer-shard timings and the projection from them
 #   bash scripts/gpu_check.sh 2     # ~8 min: bench_decode, bench_verify, bench_kernels
 #   bash scripts/gpu_check.sh 3     # ~8 min: cost_model --project at Llama-3.1-8B (compiles the 8B
 #                                   #   target and its MXFP4 cast for every forward length it times)
 #   bash scripts/gpu_check.sh 4     # ~8 min: gpt-fast's own decode loop beside our bench_decode, in one
-#                                   #   run (the anchor of ../shared/NOTES.md); the device call must
-#                                   #   carry the ignored folder anchors/, prepared here beforehand:
-#       mkdir -p anchors/gptfast && cp ../shared/anchors/bench_gptfast.py anchors/
-#       (fetch meta-pytorch/gpt-fast; copy its model.py generate.py quantize.py tokenizer.py to anchors/gptfast/)
+#                                   #   run; the run must carry the ignored folder anchors/, prepared
+#                                   #   beforehand: anchors/bench_gptfast.py (a gpt-fast decode
+#                                   #   benchmark) and anchors/gptfast/ with gpt-fast's model.py,
+#                                   #   generate.py, quantize.py and tokenizer.py (meta-pytorch/gpt-fast)
 #
 # Every step runs under its own time limit, so one slow compilation cannot take the others down; a
 # step that runs out says so and the next one starts. Results and one log go to $OUT (the device tool's
@@ -73,7 +72,7 @@ raise SystemExit(0 if info["available"] else 1)'
     # (the CPU one, inductor alone, takes longer than this limit and CI runs it anyway).
     step compiled 140 env TRITON_INTERPRET=0 "$PY" -m pytest -q -x -p no:cacheprovider \
         tests/test_speculate.py -k "compiled and cuda"
-    # Issue 8: single-GPU times of 70B layer shards at TP widths 1-8, then the projection from them.
+    # Tensor parallelism: single-GPU times of 70B layer shards at TP widths 1-8, then the projection from them.
     step tp_measure 200 "$PY" scripts/tp_projection.py --measure --device cuda --widths 1,2,4,8 \
         --formats bf16,mxfp4,int4 --layers 4 --iters 50 --out "$WORK/tp_shard"
     step tp_project 15 "$PY" scripts/tp_projection.py --measured-shard-ms "$WORK/tp_shard.json" \

@@ -325,3 +325,90 @@ def read_converted(path: Path):
             tokenizer = load_tokenizer(path.parent)
             break
     return ModelArgs(**blob["args"]), blob["state_dict"], tokenizer
+
+
+# --- published EAGLE-1/2 heads ---------------------------------------------------------------------
+
+_EAGLE_NAMES = {
+    "fc.weight": "fc.weight",
+    "fc.bias": "fc.bias",
+    "layers.0.self_attn.o_proj.weight": "attention.wo.weight",
+    "layers.0.post_attention_layernorm.weight": "ffn_norm.weight",
+    "layers.0.mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "layers.0.mlp.up_proj.weight": "feed_forward.w3.weight",
+    "layers.0.mlp.down_proj.weight": "feed_forward.w2.weight",
+}
+
+
+def read_eagle_head(path) -> tuple[ModelArgs, dict]:
+    """An EAGLE-1/2 head as its authors publish it: a folder with config.json (a one-layer
+    LlamaConfig) and pytorch_model.bin or model.safetensors holding fc.weight [dim, 2 dim] (+ fc.bias)
+    and layers.0.{self_attn,mlp,post_attention_layernorm} (layer 0 has no input norm; embed_tokens, if
+    present, is the base model's and is not used). Returns the layer's ModelArgs and our state dict."""
+    folder = Path(path)
+    if not folder.is_dir() or not (folder / "config.json").exists():
+        raise CheckpointError(f"{folder}: an EAGLE head is a folder with config.json and its weights")
+    config = json.loads((folder / "config.json").read_text())
+    if (folder / "model.safetensors").exists():
+        from safetensors.torch import load_file
+
+        hf = load_file(str(folder / "model.safetensors"))
+    elif (folder / "pytorch_model.bin").exists():
+        hf = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise CheckpointError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+    if any(k.startswith("midlayer.") or k in ("d2t", "t2d") for k in hf):
+        raise CheckpointError(
+            f"{folder} is an EAGLE-3 head (midlayer, fused low/mid/high features, draft vocabulary map): "
+            "only EAGLE-1/2 heads are supported"
+        )
+    if config.get("num_hidden_layers", 1) != 1:
+        raise CheckpointError(
+            f"{folder}: EAGLE heads with {config['num_hidden_layers']} layers are not supported"
+        )
+    args = args_from_hf_config(config | {"num_hidden_layers": 1})
+    sd = {}
+    for key, w in hf.items():
+        if key in _EAGLE_NAMES:
+            sd[_EAGLE_NAMES[key]] = w
+        elif key in ("embed_tokens.weight", "layers.0.input_layernorm.weight") or key.endswith("inv_freq"):
+            continue
+        elif key not in ("layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight",
+                         "layers.0.self_attn.v_proj.weight"):  # fmt: skip
+            raise CheckpointError(f"{folder}: unexpected tensor {key} in an EAGLE head")
+    p = "layers.0.self_attn."
+    try:
+        sd["attention.wqkv.weight"] = torch.cat([hf[p + f"{x}_proj.weight"] for x in "qkv"])
+        missing = next(k for k in _EAGLE_NAMES if k != "fc.bias" and _EAGLE_NAMES[k] not in sd)
+    except KeyError as e:
+        raise CheckpointError(f"{folder}: missing tensor {e.args[0]}") from None
+    except StopIteration:
+        missing = None
+    if missing:
+        raise CheckpointError(f"{folder}: missing tensor {missing}")
+    if tuple(sd["fc.weight"].shape) != (args.dim, 2 * args.dim):
+        raise CheckpointError(
+            f"{folder}: fc.weight is {tuple(sd['fc.weight'].shape)}, want ({args.dim}, {2 * args.dim})"
+        )
+    return args, sd
+
+
+def load_eagle_head(path, verifier):
+    """A published EAGLE-1/2 head for `verifier` (the model whose features it reads), sharing its
+    embedding and output head, in its dtype and device. A head for another model is a clear error."""
+    from head import FeatureHead
+
+    args, sd = read_eagle_head(path)
+    cfg = verifier.config
+    if (args.dim, args.vocab_size) != (cfg.dim, cfg.vocab_size):
+        raise CheckpointError(
+            f"{path}: this head reads features of dim {args.dim} over {args.vocab_size} ids; the model it "
+            f"would draft for has dim {cfg.dim} and {cfg.vocab_size} ids"
+        )
+    head = FeatureHead(args, verifier.tok_embeddings, verifier.output, fc_bias="fc.bias" in sd)
+    result = head.load_state_dict(sd, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(("tok_embeddings", "output"))]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{path}: missing {missing}, unexpected {result.unexpected_keys}")
+    weight = verifier.tok_embeddings.weight
+    return head.to(device=weight.device, dtype=weight.dtype).eval().requires_grad_(False)

@@ -8,7 +8,9 @@ The library behind the CLI, for scripts and tests alike:
     speculative_decode(levels, prompt, 128, k=[s.k for s in specs])
 
 A draft kind is `mxfp4` or `int4` (the level above, before any target_quant, cast to that format),
-`tiny` (the distilled student of the embedded model), `ngram` (prompt lookup, last level only), or a
+`tiny` (the distilled student of the embedded model), `head` (the trained feature head of the
+embedded model, head.py: it reads the features of the level right above it), `head=PATH` (a
+published EAGLE-1/2 head, checkpoint.load_eagle_head), `ngram` (prompt lookup, last level only), or a
 checkpoint path; `KIND@mxfp4` / `KIND@int4` casts that draft itself (e.g. `tiny@mxfp4`).
 """
 
@@ -19,6 +21,7 @@ import torch
 import tp
 from accel import accelerate, compile_decode
 from checkpoint import load_model
+from head import HeadLevel
 from kernels import cpu as cpu_kernels
 from speculate import ModelLevel, NgramProposer, TreeShape
 
@@ -156,6 +159,18 @@ def build_levels(
             plain.append(None)
             continue
         kind, _, quant = d.kind.partition("@")
+        if kind == "head" or kind.startswith("head="):
+            if plain[-1] is None:
+                raise ValueError(
+                    "a feature head reads the features of the level above it: it must be a model"
+                )
+            if quant:
+                raise ValueError("a feature head is not cast (it is a few MB): drop the @ part")
+            head, name = load_feature_head(kind, target), "head" if kind == "head" else "eagle"
+            accelerate(head, enabled=kernels)
+            levels.append(HeadLevel(head, levels[-1], name))
+            plain.append(None)
+            continue
         if kind in QUANTS:
             if plain[-1] is None:
                 raise ValueError(f"{kind} casts the level above it, which must be a model")
@@ -176,6 +191,18 @@ def build_levels(
     return levels
 
 
+def load_feature_head(kind: str, target):
+    """`head`: the trained head of the embedded model; `head=PATH`: a published EAGLE-1/2 head. Its
+    embedding and output rows are the (unquantized) target's."""
+    if kind == "head":
+        from head import load_head
+
+        return load_head(target)
+    from checkpoint import load_eagle_head
+
+    return load_eagle_head(kind.removeprefix("head="), target)
+
+
 def shard_levels(levels, drafts):
     """Tensor parallelism (tp.py) for a built stack, on every rank: the target is sharded; each draft
     as its placement says, by default mxfp4/int4 drafts are sharded (casts of a level above, as big as
@@ -187,7 +214,11 @@ def shard_levels(levels, drafts):
     tp.apply_tp(levels[0].model)
     for level, d in zip(levels[1:], drafts):
         base = d.kind.partition("@")[0]
-        if d.kind != "ngram" and (d.placement == "shard" or (d.placement is None and base in QUANTS)):
+        if (
+            d.kind != "ngram"
+            and not base.startswith("head")
+            and (d.placement == "shard" or (d.placement is None and base in QUANTS))
+        ):
             # tiny's head predicts a subset of the vocabulary: it stays whole (it is small).
             tp.apply_tp(level.model, shard_head=base != "tiny")
 

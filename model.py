@@ -165,9 +165,13 @@ class Transformer(nn.Module):
                 mask = self.causal_mask[input_pos]
         for layer in self.layers:
             x = layer(x, freqs, input_pos, mask)
+        # The final-normed hidden states of every fed token: what the output head reads, and what a
+        # feature head (head.py) drafting for this model reads too.
+        x = self.norm(x)
+        self.features = x
         if last is not None:
             x = x[:, -last:]
-        return self.output(self.norm(x))
+        return self.output(x)
 
 
 class TransformerBlock(nn.Module):

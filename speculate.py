@@ -58,6 +58,9 @@ class ModelLevel:
     cache. Positions past the last accepted token are simply
     overwritten by a later forward: the cache never needs a rollback.
 
+    keep_features: set by a feature head drafting for this level (head.HeadLevel): every forward then
+    keeps the model's final-normed hidden states in `features`, one row per cache slot it computed.
+
     compiled: an optional faster callable of the model for decode-sized forwards (accel.compile_decode:
     torch.compile with one CUDA graph per token count, as gpt-fast). Prefills and forwards over more
     than COMPILE_MAX_TOKENS tokens run eagerly, as gpt-fast's prefill does: they are compute-bound, and
@@ -69,6 +72,7 @@ class ModelLevel:
         self.vocab_size = model.config.vocab_size
         self.device = model.tok_embeddings.weight.device
         self.max_seq_length = 0
+        self.keep_features, self.features = False, None
 
     def reset(self, max_seq_length: int):
         """Fresh cache for a new sequence. Reallocates only when it must grow, so that captured CUDA
@@ -79,18 +83,27 @@ class ModelLevel:
                 max_seq_length = min(size, self.model.config.block_size)
             self.model.setup_caches(1, max_seq_length)
             self.max_seq_length = max_seq_length
+            self.features = None
+        if self.keep_features and self.features is None:
+            dim, dtype = self.model.config.dim, self.model.tok_embeddings.weight.dtype
+            self.features = torch.zeros(self.max_seq_length, dim, dtype=dtype, device=self.device)
         # The modules holding caches, for move_kv (walking the whole model per tree round cost ~2 ms).
         self._caches = [m for m in self.model.modules() if hasattr(m, "k_cache") and hasattr(m, "v_cache")]
 
     def _run(self, args: tuple, start_pos: int | None = None, last: int | None = None) -> Tensor:
-        """The model on args (tokens [1, T] first), compiled or eager: float32 [T or last, V]."""
+        """The model on args (tokens [1, T] first, cache slots second), compiled or eager: float32
+        [T or last, V]."""
         T = args[0].shape[1]
         if self.compiled is None or T > COMPILE_MAX_TOKENS or start_pos == 0:
-            return self.model(*args, last=last)[0].float()
-        # Clone out of the CUDA graph's static output buffer before the next replay reuses it. (The
-        # graph computes every row: a `last` argument would multiply the graphs per token count.)
-        out = self.compiled(*args)[0]
-        return (out if last is None else out[-last:]).float().clone()
+            out = self.model(*args, last=last)[0].float()
+        else:
+            # Clone out of the CUDA graph's static output buffer before the next replay reuses it.
+            # (The graph computes every row: a `last` argument would multiply the graphs per count.)
+            out = self.compiled(*args)[0]
+            out = (out if last is None else out[-last:]).float().clone()
+        if self.features is not None:
+            self.features[args[1]] = self.model.features[0].to(self.features.dtype)
+        return out
 
     @torch.no_grad()
     def forward(self, tokens: Tensor, start_pos: int, last: int | None = None) -> Tensor:
@@ -113,6 +126,8 @@ class ModelLevel:
         for cache in self._caches:
             cache.k_cache[:, :, dst] = cache.k_cache[:, :, src]
             cache.v_cache[:, :, dst] = cache.v_cache[:, :, src]
+        if self.features is not None:
+            self.features[dst] = self.features[src]
 
 
 class NgramProposer:
@@ -305,12 +320,19 @@ class Speculation:
         if level.vocab_size < self.vocab:
             # Ids past a smaller draft's vocabulary (padding rows of the target) cannot be embedded.
             tokens = tokens.clamp(max=level.vocab_size - 1)
+        self.tell_features(i)
         t0 = self.meter.start()
         out = level.forward(tokens, s, last=end - start)  # no logits for the catch-up tokens
         self.meter.stop(i, t0, end - s)
         self.seen[i] = end
         # Compare on the target's ids: drop a draft's extra padding rows.
         return out[:, : self.vocab]
+
+    def tell_features(self, i: int):
+        """A feature head (head.py) reads the hidden states of the level above it: those of buf's
+        first seen[i-1] positions are that level's, for the tokens now in buf."""
+        if hasattr(self.levels[i], "known"):
+            self.levels[i].known = self.seen[i - 1]
 
     def probs(self, logits: Tensor) -> Tensor:
         """The one warping for every level, padded with zeros to the target's vocabulary."""
@@ -558,6 +580,13 @@ def _check_levels(levels, k, temperature, top_k, top_p) -> list[int]:
             raise ValueError(
                 f"level {i} ({level.name}) is a model-free proposer: it can only be the last level "
                 "(nothing below it can speed it up)"
+            )
+    for i, level in enumerate(levels):
+        above = getattr(level, "above", None)
+        if above is not None and (i == 0 or levels[i - 1] is not above):
+            raise ValueError(
+                f"level {i} ({level.name}) reads the features of level {above.name}: it must sit right "
+                f"below it, but the level above it is {levels[i - 1].name if i else 'none'}"
             )
     seen = set()
     for level in levels:

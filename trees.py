@@ -270,6 +270,7 @@ def forward_tree(sp, i, tokens: Tensor, start: int, L: int, node_slots, position
     if level.vocab_size < sp.vocab:
         tokens = tokens.clamp(max=level.vocab_size - 1)
     slots = torch.tensor(list(range(start, L)) + node_slots, device=sp.device)
+    sp.tell_features(i)
     t0 = sp.meter.start()
     out = level.forward_tree(tokens, slots, torch.tensor(positions, device=sp.device), mask)
     sp.meter.stop(i, t0, tokens.numel())

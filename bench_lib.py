@@ -164,9 +164,13 @@ def run_interleaved(
     the KV cache lives in the model, and two levels sizing it each their own way would clash."""
     shared = {}
     for stack in stacks.values():
-        stack.levels = [
-            shared.setdefault(id(lv.model), lv) if hasattr(lv, "model") else lv for lv in stack.levels
-        ]
+        levels = []
+        for lv in stack.levels:
+            lv = shared.setdefault(id(lv.model), lv) if hasattr(lv, "model") else lv
+            if hasattr(lv, "bind"):  # a feature head reads the level above it: now the shared one
+                lv.bind(levels[-1])
+            levels.append(lv)
+        stack.levels = levels
     for stack in stacks.values():
         decode(stack, prompts[0][1], 8)
     out = {(n, t): [[] for _ in range(repeats)] for t in temperatures for n in stacks}
@@ -217,27 +221,30 @@ def summarise(runs: list[dict], names: list[str]) -> dict:
     return out
 
 
-def compare(results: dict, names: dict, baseline: str = "AR") -> list[dict]:
+def compare(results: dict, names: dict, baseline: str = "AR", baselines: dict | None = None) -> list[dict]:
     """One row per (stack, temperature) of run_interleaved's results: the summary over all repeats, the
     speedup over the baseline at the same temperature with its min-max over repeats, per-category
     speedups, and (greedy) whether the output equals the baseline's token for token.
-    names: stack name -> its level names."""
+    names: stack name -> its level names. baselines: stack name -> its own baseline (a stack on a
+    4-bit target is compared with that target's own autoregressive decoding), else `baseline`."""
     rows = []
     for (name, t), reps in results.items():
-        base = results[baseline, t]
+        baseline_of = (baselines or {}).get(name, baseline)
+        base = results[baseline_of, t]
         flat, base_flat = [p for r in reps for p in r], [p for r in base for p in r]
         s = summarise(flat, names[name])
         per_rep = [
-            summarise(r, names[name])["tokens_per_s"] / summarise(b, names[baseline])["tokens_per_s"]
+            summarise(r, names[name])["tokens_per_s"] / summarise(b, names[baseline_of])["tokens_per_s"]
             for r, b in zip(reps, base)
         ]
-        b_all = summarise(base_flat, names[baseline])
+        b_all = summarise(base_flat, names[baseline_of])
         row = dict(config=name, temperature=t, all=s, speedup=s["tokens_per_s"] / b_all["tokens_per_s"])
+        row["baseline"] = baseline_of
         row.update(speedup_min=min(per_rep), speedup_max=max(per_rep), speedup_per_repeat=per_rep)
         row["by_category"] = {}
         for c in sorted({p["category"] for p in flat}):
             sc = summarise([p for p in flat if p["category"] == c], names[name])
-            bc = summarise([p for p in base_flat if p["category"] == c], names[baseline])
+            bc = summarise([p for p in base_flat if p["category"] == c], names[baseline_of])
             row["by_category"][c] = dict(sc, speedup=sc["tokens_per_s"] / bc["tokens_per_s"])
         if t == 0:
             ref = {p["id"]: p["tokens"] for p in base_flat}

@@ -62,7 +62,11 @@ def parse_args(argv=None):
         default=None,
         help="torch.compile + CUDA graphs for the decode step (default: on for CUDA)",
     )
-    p.add_argument("--draft", default="none", help="level 1: mxfp4, tiny, ngram, PATH or none")
+    p.add_argument(
+        "--draft",
+        default="none",
+        help="level 1: mxfp4, int4, tiny, head, head=EAGLE_DIR, ngram, PATH or none",
+    )
     p.add_argument("--draft2", default="none", help="level 2 (drafts for level 1): same choices")
     p.add_argument("--k", type=int, default=6, help="tokens level 1 proposes per round")
     p.add_argument("--k2", type=int, default=3, help="tokens level 2 proposes per round")
@@ -110,7 +114,7 @@ def parse_args(argv=None):
         choices=["fixed", "grow", "cost"],
         help="how each level's k changes during a run (policy.py): fixed; grow (+1 after a fully accepted "
         "round, -1 after a rejection); cost (the k with the most expected tokens/s from measured "
-        "acceptance and forward times, 0 switching a level off; the default); --k/--k2 are then the "
+        "acceptance and round times, 0 switching a level off; the default); --k/--k2 are then the "
         "initial k. Use fixed for reproducible ablations: cost decides from measured times",
     )
     p.add_argument("--adaptive", action="store_true", help="the same as --k-policy grow")

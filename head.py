@@ -150,16 +150,20 @@ class HeadLevel:
     """
 
     def __init__(self, head: FeatureHead, above, name: str = "head"):
-        if head.config.dim != above.model.config.dim:
-            raise ValueError(
-                f"head {name}: its features have dim {head.config.dim} but level {above.name} has "
-                f"{above.model.config.dim}"
-            )
-        self.model, self.above, self.name = head, above, name
-        self.vocab_size = above.vocab_size
+        self.model, self.name = head, name
         self.device = head.fc.weight.device
         self.max_seq_length = 0
         self.known = 0  # set by Speculation before every forward
+        self.bind(above)
+
+    def bind(self, above):
+        """Read the features of `above` (a ModelLevel of a model as wide as the head)."""
+        if self.model.config.dim != above.model.config.dim:
+            raise ValueError(
+                f"head {self.name}: its features have dim {self.model.config.dim} but level {above.name} "
+                f"has {above.model.config.dim}"
+            )
+        self.above, self.vocab_size = above, above.vocab_size
         above.keep_features = True
 
     def reset(self, max_seq_length: int):

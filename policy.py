@@ -10,8 +10,11 @@ exact but not reproducible from run to run; fixed k is for reproducible ablation
     cost    Leviathan's expected-speedup formula with measured numbers. For draft level j, verified by
             level j-1, a round with k proposals yields E(k) = 1 + a_1 + a_1 a_2 + ... + a_1...a_k tokens
             (a_s: the measured acceptance at draft position s) and costs k c_j + v(k + 1) (c_j: the
-            measured time level j and the levels below it spend per token they propose; v(T): level
-            j-1's measured forward time over T tokens). It picks the k with the most tokens per second,
+            measured wall time of level j's proposals per token, every level below it and all the
+            Python between forwards included; v(T): level j-1's measured round time over T tokens,
+            its forward plus the acceptance, sampling and bookkeeping around it). Forwards alone
+            undercount a round by the fixed costs around them, and a draft near break-even then
+            looks cheaper than it is. It picks the k with the most tokens per second,
             or k = 0 (the level is switched off: level j-1 takes plain steps) when no k beats a plain
             step's 1 / v(1). A level that is off is tried again now and then, so a change in the text
             can switch it back on. The stats table counts how often each k was used.
@@ -66,7 +69,7 @@ class CostModel(Fixed):
 
     def start(self, sp):
         """Called after the prefill: draft costs are counted from here."""
-        self.base = [(s.forward_time or 0.0, s.proposed) for s in sp.stats]
+        self.base = [(s.propose_time, s.proposed) for s in sp.stats]
         self.rounds = [0] * len(self.k)
         self.off = [0] * len(self.k)
 
@@ -94,10 +97,9 @@ class CostModel(Fixed):
         proposed = s.proposed - self.base[j][1]
         if proposed <= 0:
             return None
-        # Seconds spent producing level j's proposals: level j's forwards and every level below it.
-        spent = sum((sp.stats[lv].forward_time or 0.0) - self.base[lv][0] for lv in range(j, len(self.k)))
-        c = max(spent, 0.0) / proposed
-        v = self._forward_time(sp.stats[j - 1])
+        # Seconds spent producing level j's proposals, everything included.
+        c = max(s.propose_time - self.base[j][0], 0.0) / proposed
+        v = self._round_time(sp.stats[j - 1])
         if v is None:
             return None
         # Acceptance at each draft position, with one pseudo-accept and one pseudo-reject (a uniform
@@ -110,10 +112,10 @@ class CostModel(Fixed):
                 best, best_rate = k, rate
         return best
 
-    def _forward_time(self, s):
-        """v(T): level s's mean measured forward time over T tokens, interpolated linearly between
+    def _round_time(self, s):
+        """v(T): level s's mean measured round time over T tokens, interpolated linearly between
         measured token counts (and extrapolated from the last two, or with SLOPE from one)."""
-        pts = sorted((t, sec / n) for t, (n, sec) in s.time_by_tokens.items() if t <= self.MAX_TOKENS and n)
+        pts = sorted((t, sec / n) for t, (n, sec) in s.round_time_by_tokens.items() if t <= self.MAX_TOKENS and n)
         if not pts:
             return None
 

@@ -217,7 +217,13 @@ def autoregressive_decode(
     sync(level.device)
     t0 = time.perf_counter()
     level.reset(prompt.numel() + max_new_tokens)
-    tok = pick(level.forward(prompt, 0, last=1)[-1])
+    # The prompt but its last token in one forward, then that token alone: as speculative decoding
+    # feeds it (its prefill stops one short, and the first round's forward starts with it). A long
+    # prefill may take another GEMM than short forwards do (accel.LONG_FORWARD), and this way the
+    # cache holds the same bits in both, so greedy speculation returns these tokens bit for bit.
+    if prompt.numel() > 1:
+        level.forward(prompt[:-1], 0, last=1)
+    tok = pick(level.forward(prompt[-1:], prompt.numel() - 1)[-1])
     out = []
     pos = prompt.numel()
     while True:
@@ -355,9 +361,10 @@ class Speculation:
         distributions at those a+1 positions: the q that level i-1 checks them against."""
         if m > 0 and self.trees[i + 1] is not None:
             return tree_round(self, i, L, m)
-        q = None
+        q, t0 = None, self.meter.start()
         if m > 0:
             m, q = self.propose(i + 1, L, m)  # may be fewer than asked (an n-gram lookup)
+        t1 = self.meter.start()
         logits = self.logits(i, L - 1, L + m)  # m+1 rows: one per draft, one for the bonus
         x = self.buf[L : L + m]
         if self.temperature == 0:
@@ -378,6 +385,7 @@ class Speculation:
         if self.trace is not None:
             self.note(i, L, x.tolist(), a, int(nxt))
         self.write(L + a, nxt.view(1), by=i)
+        self.meter.round_time(i, m, t0, t1)
         self.after_round(i, m, a)
         return a, None if p is None else p[: a + 1]
 

@@ -49,6 +49,11 @@ class LevelStats:
         forward needs a sync, which we do not add by default).
     time_by_tokens[T]: [forwards, seconds] of this level's forwards over T tokens (when timed): the
         cost of verifying a sequence or a tree of each size.
+    round_time_by_tokens[T]: [rounds, seconds] of this level's sequence rounds over T tokens, from the
+        end of the proposal to the token written: the forward plus everything around it (acceptance,
+        sampling, bookkeeping, host syncs). propose_time: seconds in this level's proposals (its
+        own rounds and everything below it, Python included). What a round really costs, for the
+        cost policy.
     Tree drafts (a TreeShape for this level): `proposed` counts each tree's depth (the most one round
     could accept) and tree_nodes its size, so tree_nodes / rounds is the mean tree verified.
     A stop id inside a round ends the output there; the stats still count that round as verified.
@@ -66,6 +71,8 @@ class LevelStats:
     tokens_fed: int = 0
     forward_time: float | None = 0.0
     time_by_tokens: dict = field(default_factory=dict)
+    round_time_by_tokens: dict = field(default_factory=dict)
+    propose_time: float = 0.0
     tree_nodes: int = 0
     k_used: dict = field(default_factory=dict)  # {k in effect: rounds of the level above}; 0 = off
 
@@ -172,6 +179,16 @@ class Meter:
             s.forward_time += dt
             n, sec = s.time_by_tokens.get(tokens, (0, 0.0))
             s.time_by_tokens[tokens] = (n + 1, sec + dt)
+
+    def round_time(self, i: int, m: int, t0: float, t1: float):
+        """Level i's round that began at t0 and had its m proposals at t1 ends now (when timed)."""
+        if not self.timed:
+            return
+        now = clock()
+        n, sec = self.levels[i].round_time_by_tokens.get(m + 1, (0, 0.0))
+        self.levels[i].round_time_by_tokens[m + 1] = (n + 1, sec + now - t1)
+        if m:
+            self.levels[i + 1].propose_time += t1 - t0
 
     def round(self, i: int, m: int, a: int):
         """Level i verified m proposals of level i+1 and accepted the first a (m = 0: a plain step)."""

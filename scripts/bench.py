@@ -43,7 +43,8 @@ def markdown(rows, header_line) -> str:
     main = bench_lib.markdown_table(
         ["config", "T", "tokens/s", "speedup (min-max)", "greedy identical", LEVELS_HEAD],
         [
-            [r["config"], f"{r['temperature']:g}", f"{r['all']['tokens_per_s']:.1f}",
+            [r["config"] + (f" (vs {r['baseline']})" if r.get("baseline", "AR") != "AR" else ""),
+             f"{r['temperature']:g}", f"{r['all']['tokens_per_s']:.1f}",
              f"{r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})",
              same.get(r.get("greedy_identical"), "-"), levels(r) or "-"]
             for r in rows
@@ -110,8 +111,8 @@ def main(argv=None):
     stacks = {
         name: bench_lib.build_stack(
             model, tok, c["levels"], device, dtype, tree, c.get("policy", "fixed"),
-            quantize_head=c.get("quantize_head", True), compile=a.compile, target_quant=a.target_quant,
-            kernels=a.kernels,
+            quantize_head=c.get("quantize_head", True), compile=a.compile,
+            target_quant=c.get("target_quant", a.target_quant), kernels=a.kernels,
         )
         for name, c in configs.items()
     }  # fmt: skip
@@ -127,7 +128,12 @@ def main(argv=None):
     results = bench_lib.run_interleaved(
         stacks, prompts, a.max_new_tokens, temps, a.repeats, a.seed, tok.stop_ids, progress
     )
-    rows = bench_lib.compare(results, {n: [lv.name for lv in s.levels] for n, s in stacks.items()})
+    baselines = {n: c["baseline"] for n, c in configs.items() if "baseline" in c}
+    if missing := {b for b in baselines.values() if b not in configs}:
+        p.error(f"configs compared with {sorted(missing)} need them in --configs too")
+    rows = bench_lib.compare(
+        results, {n: [lv.name for lv in s.levels] for n, s in stacks.items()}, "AR", baselines
+    )
     for r in rows:
         c = configs[r["config"]]
         r.update(levels=c["levels"], drafts=bench_lib.record_drafts(c["levels"]),

@@ -1,6 +1,7 @@
-"""Our autoregressive decoding against Hugging Face transformers on the same machine, same prompts.
+"""Our decoding against Hugging Face transformers and llama.cpp on the same machine, same prompts.
 
     python scripts/bench_vs_transformers.py --out results/cpu_vs_transformers
+    python scripts/bench_vs_transformers.py --spec head:4 --spec mxfp4:4,head:3 --out ...
 
 Both decode the embedded SmolLM2-135M-Instruct greedily from the same chat prompts (one per prompt
 set), the same number of new tokens (EOS ignored, so every run makes exactly that many), batch 1, the
@@ -8,7 +9,10 @@ same threads. Runs alternate (ours, theirs, ours, ...) so a change in the machin
 each figure is the median over the prompts of the best of --repeats runs. tokens/s counts new tokens
 over the whole call, prefill included (what `generate` costs a user); decode ms/token excludes the
 first token. transformers runs in its default fp32 and in bf16; ours in bf16 with the CPU kernels
-(generate.py's default on this CPU) and in fp32 (torch's GEMM).
+(generate.py's default on this CPU), in fp32 (torch's GEMM), and as MXFP4 and int4 targets (every
+linear cast, the output head too). llama.cpp (llama-cpp-python, when installed) decodes the embedded
+GGUF file as it ships, Q4_1, with the same threads. --spec adds greedy speculative decoding on the
+bf16 target with that stack of drafts (levels.parse_levels; fixed k), exact like the rest.
 """
 
 import argparse
@@ -22,20 +26,60 @@ import torch
 import bench_lib
 from accel import accelerate
 from checkpoint import default_checkpoint, load_model
-from speculate import ModelLevel, autoregressive_decode
+from levels import build_levels, cast, parse_levels, tree_shape
+from speculate import ModelLevel, autoregressive_decode, speculative_decode
 
 
-def ours(dtype, kernels: bool):
+def ours(dtype, kernels: bool, quant: str | None = None, spec: str | None = None):
     model, tok = load_model(device="cpu", dtype=dtype)
     report = accelerate(model, enabled=kernels)
-    level = ModelLevel(model)
+    if spec:
+        specs = parse_levels(spec)
+        levels = build_levels(model, tok, specs, torch.device("cpu"), dtype, kernels=kernels)
+        k = [x.k for x in specs]
+        trees = [tree_shape(torch.device("cpu")) if x.tree else None for x in specs]
+    else:
+        levels = [ModelLevel(cast(model, quant) if quant else model)]
+        accelerate(levels[0].model, enabled=kernels)
 
     def run(ids, n):
         t0 = time.perf_counter()
-        out, st = autoregressive_decode(level, torch.tensor(ids), n)
+        if spec:
+            out, st = speculative_decode(levels, torch.tensor(ids), n, k=k, trees=trees)
+        else:
+            out, st = autoregressive_decode(levels[0], torch.tensor(ids), n)
         return time.perf_counter() - t0, st.time_to_first_token, out.tolist()
 
     return run, tok, report
+
+
+def llama_cpp():
+    """The embedded GGUF (Q4_1) through llama.cpp, greedy, EOS ignored like the others; None when
+    llama-cpp-python is not installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    threads = torch.get_num_threads()
+    llm = Llama(
+        model_path=str(default_checkpoint()),
+        n_ctx=1024,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+
+    def run(ids, n):
+        t0, first, out = time.perf_counter(), None, []
+        for tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, reset=True):
+            out.append(int(tok))
+            if first is None:
+                first = time.perf_counter() - t0
+            if len(out) == n:
+                break
+        return time.perf_counter() - t0, first, out
+
+    return run
 
 
 def theirs(dtype):
@@ -63,6 +107,10 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True, help="accel.accelerate")
+    p.add_argument(
+        "--spec", action="append", default=[], help="also greedy SD on the bf16 target with these drafts"
+    )
+    p.add_argument("--no-4bit", action="store_true", help="leave out our MXFP4 and int4 targets")
     p.add_argument("--out", type=Path, default=None, help="output prefix: PREFIX.json and PREFIX.md")
     a = p.parse_args(argv)
     runners = {}
@@ -71,8 +119,17 @@ def main(argv=None):
     )
     print(report)
     runners["ours fp32"], _, _ = ours(torch.float32, a.kernels)
+    if not a.no_4bit:
+        runners["ours MXFP4 target"], _, _ = ours(torch.bfloat16, a.kernels, quant="mxfp4")
+        runners["ours int4 target"], _, _ = ours(torch.bfloat16, a.kernels, quant="int4")
+    for spec in a.spec:
+        runners[f"ours bf16 + SD {spec}"], _, _ = ours(torch.bfloat16, a.kernels, spec=spec)
     runners["transformers fp32"] = theirs(torch.float32)
     runners["transformers bf16"] = theirs(torch.bfloat16)
+    if (run := llama_cpp()) is not None:
+        runners["llama.cpp Q4_1"] = run
+    else:
+        print("llama-cpp-python is not installed: no llama.cpp row")
     prompts = [
         ids.tolist() for _, ids in bench_lib.encode_prompts(bench_lib.load_prompts(per_category=1), tok)
     ]
@@ -97,13 +154,17 @@ def main(argv=None):
             dict(impl=name, tokens_per_s=tps, decode_ms_per_token=ms)
         )  # the table's columns, in order
     ref = next(r for r in rows if r["impl"] == "transformers fp32")["tokens_per_s"]
+    q41 = next((r["tokens_per_s"] for r in rows if r["impl"] == "llama.cpp Q4_1"), None)
     for r in rows:
         r["vs_transformers_fp32"] = r["tokens_per_s"] / ref
+        if q41:
+            r["vs_llama_cpp_q4_1"] = r["tokens_per_s"] / q41
     md = (
         f"SmolLM2-135M-Instruct, greedy, {len(prompts)} prompts x {n} new tokens, batch 1, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.processor() or 'CPU'}\n\n"
     ) + bench_lib.markdown_table(
-        ["implementation", "tokens/s (prefill included)", "decode ms/token", "vs transformers fp32"],
+        ["implementation", "tokens/s (prefill included)", "decode ms/token", "vs transformers fp32"]
+        + (["vs llama.cpp Q4_1"] if q41 else []),
         [[r["impl"]] + [f"{r[k]:.2f}" for k in list(r)[1:]] for r in rows],
     )
     print(md)

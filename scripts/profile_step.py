@@ -5,7 +5,9 @@
     python scripts/profile_step.py --acceptance          # what int8 activations do to an MXFP4 draft
 
 For the bf16 target and its MXFP4 and int4 casts (levels.cast, the output head quantized too), each
-accelerated (accel.accelerate) and wrapped in a speculate.ModelLevel, it reports the rows below; with
+accelerated (accel.accelerate) and wrapped in a speculate.ModelLevel, and the feature head (head.py,
+a HeadLevel reading the bf16 target's features; its linears are its own layer's and its FR-Spec
+output rows), it reports the rows below; with
 --int8-activations also "mxfp4+i8" and "int4+i8", the same casts with accelerate(...,
 int8_activations=True), measured in the same rounds as the exact ones (a before/after under one load):
   step ms      the median time of a one-token ModelLevel.forward (the fused blocks, the head and the
@@ -53,7 +55,7 @@ from speculate import ModelLevel, autoregressive_decode, speculative_decode
 
 ROOT = Path(__file__).resolve().parents[1]
 
-KINDS = ("bf16", "mxfp4", "int4")
+KINDS = ("bf16", "mxfp4", "int4", "head")
 INT8_KINDS = ("mxfp4+i8", "int4+i8")
 TEXT = (
     "The history of the bicycle begins in the early nineteenth century, when inventors in Germany and "
@@ -79,6 +81,24 @@ def linear_calls(model) -> list[tuple]:
             args = (a, b)
         calls.append((fn, args, nbytes, a.shape[1] if kind == 0 else a.shape[1] * 2))
     return calls
+
+
+def _head_level(target, prompt):
+    """The trained feature head as a level over the bf16 target, after a prefill of both: each timed
+    step is one drafted token, reading the target's feature of the position before."""
+    from head import HeadLevel, load_head
+
+    verifier = ModelLevel(target, "verifier")
+    head = load_head(target)
+    accel.accelerate(head)
+    level = HeadLevel(head, verifier, "head")
+    n = prompt.numel()
+    verifier.reset(n + 8)
+    level.reset(n + 8)
+    verifier.forward(prompt, 0)
+    level.known = n
+    level.forward(prompt, 0)
+    return head, level
 
 
 def _kernel_for(kind: int):
@@ -132,11 +152,14 @@ def main(argv=None) -> dict:
     models, runs, passes = {}, {}, {}
     for kind in kinds:
         fmt, int8 = kind.removesuffix("+i8"), kind.endswith("+i8")
-        model = target if fmt == "bf16" else levels_lib.cast(target, fmt)
-        accel.accelerate(model, int8_activations=int8)
-        level = ModelLevel(model, kind)
-        level.reset(args.prefill + 8)
-        level.forward(prompt, 0)
+        if kind == "head":
+            model, level = _head_level(target, prompt)
+        else:
+            model = target if fmt == "bf16" else levels_lib.cast(target, fmt)
+            accel.accelerate(model, int8_activations=int8)
+            level = ModelLevel(model, kind)
+            level.reset(args.prefill + 8)
+            level.forward(prompt, 0)
         models[kind] = model
         runs[kind] = _stepper(level, step_token, args.prefill)
         passes[kind] = _linear_pass(model)

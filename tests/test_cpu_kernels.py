@@ -504,3 +504,56 @@ def test_smollm2_bf16_greedy_speculation_equals_plain_decoding(kernels, smollm2)
     plain, _ = autoregressive_decode(levels[0], prompt, 40)
     fast, _ = speculative_decode(levels, prompt, 40, k=[3], trees=[TreeShape(nodes=6, topk=2)])
     assert fast.tolist() == plain.tolist()
+
+
+@pytest.mark.slow
+def test_smollm2_bf16_greedy_speculation_with_the_head_equals_plain_decoding(kernels, smollm2):
+    """The trained feature head (head.py) under the bf16 target, drafting sequences and trees, and
+    under the MXFP4 level (ML-SpecQD with a head as its small draft): plain decoding's tokens, bit for
+    bit, and the head's drafts are accepted (it read the right features)."""
+    from checkpoint import build_model
+    from levels import build_levels
+    from speculate import TreeShape, autoregressive_decode, speculative_decode
+
+    model32, tok = smollm2
+    target = build_model(model32.config, model32.state_dict(), "cpu", torch.bfloat16)
+    text = tok.apply_chat_template([{"role": "user", "content": "Explain what a compiler does."}])
+    prompt = torch.tensor(tok.encode(text, bos=tok.add_bos))
+    cpu = torch.device("cpu")
+    levels = build_levels(target, tok, [("head", 3)], cpu, torch.bfloat16)
+    plain, _ = autoregressive_decode(levels[0], prompt, 40)
+    for trees in (None, [TreeShape(nodes=6, topk=2)]):
+        fast, stats = speculative_decode(levels, prompt, 40, k=[3], trees=trees)
+        assert fast.tolist() == plain.tolist()
+        assert stats.levels[1].accepted_at[0] >= 0.4 * stats.levels[1].reached[0], stats.levels[1]
+    levels = build_levels(target, tok, [("mxfp4", 3), ("head", 2)], cpu, torch.bfloat16)
+    fast, _ = speculative_decode(levels, prompt, 40, k=[3, 2])
+    assert fast.tolist() == plain.tolist()
+
+
+@pytest.mark.slow
+def test_smollm2_long_prompt_prefill_takes_torch_gemm_and_stays_bit_identical(kernels, smollm2, monkeypatch):
+    """A prompt longer than accel.LONG_FORWARD is prefilled with torch's GEMM (FastBlock steps aside,
+    FastLinear calls nn.Linear), not the M-invariant kernels, and greedy speculation still returns
+    plain decoding's tokens bit for bit: both prefill the prompt but its last token the same way."""
+    import accel
+    from checkpoint import build_model
+    from levels import build_levels
+    from speculate import autoregressive_decode, speculative_decode
+
+    model32, tok = smollm2
+    target = build_model(model32.config, model32.state_dict(), "cpu", torch.bfloat16)
+    passage = "The old lighthouse keeper climbed the stairs every evening to light the lamp. " * 8
+    text = tok.apply_chat_template([{"role": "user", "content": "Summarize: " + passage}])
+    prompt = torch.tensor(tok.encode(text, bos=tok.add_bos))
+    assert prompt.numel() > accel.LONG_FORWARD + 1
+    levels = build_levels(target, tok, [("mxfp4", 3)], torch.device("cpu"), torch.bfloat16)
+    rows = []
+    torch_linear = torch.nn.Linear.forward
+    monkeypatch.setattr(
+        torch.nn.Linear, "forward", lambda self, x: rows.append(x.shape[-2]) or torch_linear(self, x)
+    )
+    plain, _ = autoregressive_decode(levels[0], prompt, 24)
+    assert max(rows) == prompt.numel() - 1  # the prefill went to torch's GEMM, nothing else did
+    fast, _ = speculative_decode(levels, prompt, 24, k=[3])
+    assert fast.tolist() == plain.tolist()

@@ -48,19 +48,6 @@ except ImportError:
     KERNEL_DTYPES = ()
 
 
-# Forwards over more rows than this are prefills: no verification or catch-up of a level that decodes
-# every round gets there (speculate.COMPILE_MAX_TOKENS is the same bound). They are compute-bound, and
-# torch's bf16 GEMM is much faster there than our M-invariant kernels (at ~40 rows about 2x). Their
-# rows do not round like one-token steps, which is why plain and speculative decoding both prefill
-# the prompt without its last token and compute that token's row in a short forward: the cache then
-# holds the same bits in both (tests/test_cpu_kernels.py).
-LONG_FORWARD = 64
-
-
-def _rows(x: Tensor) -> int:
-    return x.numel() // x.shape[-1]
-
-
 def _no_grad_wanted(x: Tensor, *params: Tensor) -> bool:
     return not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params))
 
@@ -75,12 +62,7 @@ class FastLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if (
-            w.dtype == torch.bfloat16
-            and cpu_kernels.usable(x)
-            and _no_grad_wanted(x, w)
-            and _rows(x) <= LONG_FORWARD
-        ):
+        if w.dtype == torch.bfloat16 and cpu_kernels.usable(x) and _no_grad_wanted(x, w):
             y = cpu_kernels.bf16_linear(x, w)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         return super().forward(x)
@@ -191,8 +173,7 @@ class FastBlock(M.TransformerBlock):
     kernels and operations in the same order as the twins above, so the same bits, without ~150 us of
     Python per block (a third of a 135M model's decode step). It steps aside (the modules run one by
     one) for hooks (tensor parallelism adds its all-reduces as hooks), compilation, another device,
-    fp32 weights, a linear it has no kernel for, or a prefill (LONG_FORWARD: its bf16 linears then take
-    torch's GEMM)."""
+    fp32 weights, or a linear it has no kernel for."""
 
     def forward(self, x, freqs, input_pos, mask):
         if input_pos is not None:
@@ -206,7 +187,6 @@ class FastBlock(M.TransformerBlock):
         if (
             torch.compiler.is_compiling()
             or not cpu_kernels.usable(x)
-            or _rows(x) > LONG_FORWARD
             or freqs.dim() != 3
             or attn.kv_cache is None
             or not cpu_kernels.attention_takes(attn.head_dim, attn.kv_cache.k_cache.dtype, mask)

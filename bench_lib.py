@@ -198,6 +198,10 @@ def summarise(runs: list[dict], names: list[str]) -> dict:
         proposed, accepted, rounds = (
             sum(getattr(s, f) for s in lv) for f in ("proposed", "accepted", "rounds")
         )
+        reached, kept = [0] * max(len(s.reached) for s in lv), [0] * max(len(s.reached) for s in lv)
+        for s in lv:
+            for j, (r, a) in enumerate(zip(s.reached, s.accepted_at)):
+                reached[j], kept[j] = reached[j] + r, kept[j] + a
         out["levels"].append(
             dict(
                 name=names[i], acceptance_rate=accepted / proposed if proposed else 0.0,
@@ -205,6 +209,7 @@ def summarise(runs: list[dict], names: list[str]) -> dict:
                 proposed=proposed, accepted=accepted, rounds=rounds,
                 forward_time_s=sum(s.forward_time or 0.0 for s in lv),
                 mean_tree_nodes=sum(s.tree_nodes for s in lv) / rounds if rounds else 0.0,
+                acceptance_by_position=[a / r if r else 0.0 for a, r in zip(kept, reached)],
             )
         )  # fmt: skip
     levels0 = [p["stats"].levels[0] for p in runs if getattr(p["stats"], "levels", None)]

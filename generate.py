@@ -10,8 +10,10 @@
     torchrun --nproc-per-node 3 generate.py --tp --draft mxfp4 --draft2 tiny   # tensor parallel (tp.py)
 
 A draft is `mxfp4` or `int4` (the level above, before any --target-quant, cast to that format), `tiny`
-(the distilled student of the embedded model), `ngram` (prompt lookup, last level only), a checkpoint
-path, or `none`; `KIND@mxfp4` / `KIND@int4` casts that draft itself (e.g. `tiny@mxfp4`). In --levels an
+(the best small draft of the embedded model: its feature head, which reads the level right above it),
+`head` (the same, by name), `head=DIR` (a published EAGLE-1/2 head), `student` (the distilled
+standalone student), `ngram` (prompt lookup, last level only), a checkpoint path, or `none`;
+`KIND@mxfp4` / `KIND@int4` casts that draft itself (e.g. `student@mxfp4`). In --levels an
 entry kind:k:tree makes that level draft token trees k deep (--tree-nodes, --tree-topk), as --tree and
 --tree2 do for --draft and --draft2; under torchrun, kind:k:shard or kind:k:replicate places that
 draft (default: mxfp4/int4 sharded, others replicated). --draft/--k/--draft2/--k2/--tree/--tree2 are
@@ -65,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--draft",
         default="none",
-        help="level 1: mxfp4, int4, tiny, head, head=EAGLE_DIR, ngram, PATH or none",
+        help="level 1: mxfp4, int4, tiny, head, head=EAGLE_DIR, student, ngram, PATH or none",
     )
     p.add_argument("--draft2", default="none", help="level 2 (drafts for level 1): same choices")
     p.add_argument("--k", type=int, default=6, help="tokens level 1 proposes per round")
@@ -98,7 +100,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--shard-drafts",
         action="store_true",
-        help="under TP, also shard tiny/checkpoint drafts (default: each rank runs them whole: no "
+        help="under TP, also shard student/checkpoint drafts (default: each rank runs them whole: no "
         "collective per drafted token; mxfp4/int4 drafts are sharded); per level: kind:k:shard or "
         "kind:k:replicate in --levels",
     )

@@ -211,7 +211,8 @@ class HeadLevel:
                 wave.add(sl[j])
                 j += 1
             p = parents[i:j]
-            true = self.above.features[p.clamp(min=0)]
+            # The verifier's rows only where it has them (its cache may have no scratch slots).
+            true = self.above.features[torch.where(p < self.known, p, 0).clamp(min=0)]
             feat = torch.where((p < self.known)[:, None], true.to(self.pred.dtype), self.pred[p.clamp(min=0)])
             feat = torch.where((p >= 0)[:, None], feat, torch.zeros_like(feat))
             h = self.model(

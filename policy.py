@@ -115,7 +115,9 @@ class CostModel(Fixed):
     def _round_time(self, s):
         """v(T): level s's mean measured round time over T tokens, interpolated linearly between
         measured token counts (and extrapolated from the last two, or with SLOPE from one)."""
-        pts = sorted((t, sec / n) for t, (n, sec) in s.round_time_by_tokens.items() if t <= self.MAX_TOKENS and n)
+        pts = sorted(
+            (t, sec / n) for t, (n, sec) in s.round_time_by_tokens.items() if t <= self.MAX_TOKENS and n
+        )
         if not pts:
             return None
 

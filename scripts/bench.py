@@ -28,13 +28,18 @@ CONFIGS = {
 }
 
 
-LEVELS_HEAD = "per level: acceptance / mean acc. length"
+LEVELS_HEAD = "per level: acceptance / mean acc. length [acceptance at draft positions 1-4]"
 
 
 def markdown(rows, header_line) -> str:
     def levels(r):
         return "; ".join(
             f"{lv['name']} {lv['acceptance_rate']:.2f} / {lv['mean_accepted_length']:.2f}"
+            + (
+                " [" + " ".join(f"{a:.2f}" for a in lv["acceptance_by_position"][:4]) + "]"
+                if lv.get("acceptance_by_position")
+                else ""
+            )
             + (f" (trees of {lv['mean_tree_nodes']:.1f} nodes)" if lv["mean_tree_nodes"] else "")
             for lv in r["all"]["levels"]
         )
@@ -136,6 +141,8 @@ def main(argv=None):
     )
     for r in rows:
         c = configs[r["config"]]
+        if c.get("target_quant", a.target_quant) != a.target_quant and r["baseline"] == "AR":
+            r["greedy_identical"] = None  # another target than AR's: its own greedy tokens differ
         r.update(levels=c["levels"], drafts=bench_lib.record_drafts(c["levels"]),
                  quantize_head=c.get("quantize_head", True))  # fmt: skip
         r["tree"] = vars(tree) if stacks[r["config"]].trees else None

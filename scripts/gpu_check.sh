@@ -71,7 +71,7 @@ raise SystemExit(0 if info["available"] else 1)'
     # Compiled levels on CUDA (CUDA graphs): the speculation suite's compiled test, its CUDA variant only
     # (the CPU one, inductor alone, takes longer than this limit and CI runs it anyway).
     step compiled 140 env TRITON_INTERPRET=0 "$PY" -m pytest -q -x -p no:cacheprovider \
-        tests/test_speculate.py -k "compiled and cuda"
+        tests/test_speculate.py tests/test_head.py -k "compiled and cuda"
     # Tensor parallelism: single-GPU times of 70B layer shards at TP widths 1-8, then the projection from them.
     step tp_measure 200 "$PY" scripts/tp_projection.py --measure --device cuda --widths 1,2,4,8 \
         --formats bf16,mxfp4,int4 --layers 4 --iters 50 --out "$WORK/tp_shard"

@@ -47,14 +47,15 @@ def smollm2_f64():
 @pytest.mark.parametrize(
     "drafts,trees",
     [
-        ([("tiny", 3)], None),
+        ([("tiny", 3)], None),  # tiny is the feature head (levels.TINY)
+        ([("student", 3)], None),
         ([("mxfp4", 4), ("tiny", 2), ("ngram", 2)], None),
         ([("tiny", 3)], [TreeShape(nodes=10, topk=4)]),  # EAGLE-2 style: the target verifies trees
         # The hierarchy (an intermediate verifies trees); with mxfp4 + tiny it is in test_cpu_kernels.py,
         # in bf16 with the kernels: float64 MXFP4 dequantizes on every call and took minutes here.
         ([("tiny", 4), ("ngram", 2)], [None, TreeShape(nodes=8, topk=3)]),
     ],
-    ids=["tiny", "mxfp4+tiny+ngram", "tiny-tree", "tiny+ngram-tree"],
+    ids=["tiny", "student", "mxfp4+tiny+ngram", "tiny-tree", "tiny+ngram-tree"],
 )
 def test_speculation_on_smollm2_returns_the_targets_greedy_tokens(smollm2_f64, drafts, trees):
     model, tok = smollm2_f64
@@ -90,11 +91,13 @@ def test_cli_plain_and_speculative_runs(capsys):
 
 @pytest.mark.slow
 def test_cli_quantized_target_and_draft(capsys):
-    # A 4-bit target, and a draft that is itself cast (tiny@mxfp4) drafting trees for it.
+    # A 4-bit target, and a draft that is itself cast (student@mxfp4) drafting trees for it.
     argv = ["--prompt", "1, 2, 3, 1, 2, 3,", "--max-new-tokens", "6", "--target-quant", "int4"]
-    stats = generate.main(argv + ["--levels", "tiny@mxfp4:2:tree", "--tree-nodes", "4", "--tree-topk", "2"])
+    stats = generate.main(
+        argv + ["--levels", "student@mxfp4:2:tree", "--tree-nodes", "4", "--tree-topk", "2"]
+    )
     err = capsys.readouterr().err
-    assert "0 target(int4)" in err and "1 tiny@mxfp4" in err and stats.levels[1].tree_nodes > 0
+    assert "0 target(int4)" in err and "1 student@mxfp4" in err and stats.levels[1].tree_nodes > 0
 
 
 def run_cli_error(argv, capsys):

@@ -173,6 +173,12 @@ def test_head_above_an_ngram_level_is_exact():
     # A head need not be last: it verifies an n-gram level's proposals like any model level.
     out, _ = speculative_decode(head_stack(["head", "ngram"]), torch.tensor(PROMPT), 12, k=[3, 2])
     assert out.tolist() == greedy_reference(PROMPT, 12)
+    # Verifying n-gram trees, the head uses scratch slots past the end of its verifier's cache.
+    trees = [None, TreeShape(nodes=4, topk=2)]
+    out, stats = speculative_decode(
+        head_stack(["head", "ngram"]), torch.tensor(PROMPT), 12, k=[3, 3], trees=trees
+    )
+    assert out.tolist() == greedy_reference(PROMPT, 12) and stats.levels[2].tree_nodes > 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -328,14 +334,18 @@ def test_training_unroll_is_what_drafting_computes(monkeypatch):
                     torch.testing.assert_close(steps[d - 1][b, t], want, atol=1e-5, rtol=1e-5)
 
 
-def test_head_reads_a_compiled_verifier():
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))],
+)
+def test_head_reads_a_compiled_verifier(device):
     """The verifier's features come out of torch.compile (fullgraph; CUDA graphs on a GPU) too: its
     forward keeps them as a side effect that the compiled graph must replay."""
     from accel import compile_decode
 
-    target = copy.deepcopy(tiny_model(0, dim=64, block_size=256)).float()
+    target = copy.deepcopy(tiny_model(0, dim=64, block_size=256)).float().to(device)
     verifier = ModelLevel(target, "target", compiled=compile_decode(target))
-    head = HeadLevel(random_head(0, target).float(), verifier, "head")
+    head = HeadLevel(random_head(0, target).float().to(device), verifier, "head")
     prompt = torch.tensor(PROMPT * 3)
     out, stats = speculative_decode([verifier, head], prompt, 12, k=3)
     ref, _ = autoregressive_decode(ModelLevel(copy.deepcopy(target), "plain"), prompt, 12)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 import int4
@@ -48,6 +49,26 @@ except ImportError:
     KERNEL_DTYPES = ()
 
 
+# Forwards over more rows than this are prefills: no verification or catch-up of a level that decodes
+# every round gets there (speculate.COMPILE_MAX_TOKENS is the same bound). They are compute-bound, and
+# there a bf16 weight widened to fp32 and torch's fp32 GEMM beats our M-invariant kernels (1.7x at 80
+# rows, 2.1x at 240, on the 2-core AVX-512 CPU we measured; torch's own bf16 GEMM was slower than ours
+# there, for want of AVX512-BF16). Its rows do not round like one-token steps, which is why plain and
+# speculative decoding both prefill the prompt without its last token and compute that token's row
+# in a short forward: the cache then holds the same bits in both (tests/test_cpu_kernels.py).
+LONG_FORWARD = 64
+
+
+def _rows(x: Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def long_linear(x: Tensor, w: Tensor) -> Tensor:
+    """x @ w.T for a long forward: both widened to fp32 (exactly), torch's GEMM, rounded back to x's
+    dtype. The same maths as a bf16 linear (fp32 sums of exact products), summed in another order."""
+    return F.linear(x.float(), w.float()).to(x.dtype)
+
+
 def _no_grad_wanted(x: Tensor, *params: Tensor) -> bool:
     return not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params))
 
@@ -58,12 +79,13 @@ def _no_grad_wanted(x: Tensor, *params: Tensor) -> bool:
 class FastLinear(nn.Linear):
     """nn.Linear with a bf16 weight on the CPU through kernels/cpu's bf16_linear: torch's bf16 GEMV
     reads at about half the fp32 bandwidth there, and ours rounds every row alike whatever the number
-    of rows (a verification forward gives the bits of one-token steps)."""
+    of rows (a verification forward gives the bits of one-token steps). Long forwards (prefills, past
+    LONG_FORWARD rows) take long_linear instead."""
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         if w.dtype == torch.bfloat16 and cpu_kernels.usable(x) and _no_grad_wanted(x, w):
-            y = cpu_kernels.bf16_linear(x, w)
+            y = cpu_kernels.bf16_linear(x, w) if _rows(x) <= LONG_FORWARD else long_linear(x, w)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         return super().forward(x)
 
@@ -173,7 +195,8 @@ class FastBlock(M.TransformerBlock):
     kernels and operations in the same order as the twins above, so the same bits, without ~150 us of
     Python per block (a third of a 135M model's decode step). It steps aside (the modules run one by
     one) for hooks (tensor parallelism adds its all-reduces as hooks), compilation, another device,
-    fp32 weights, or a linear it has no kernel for."""
+    fp32 weights, a linear it has no kernel for, or a prefill (LONG_FORWARD: its bf16 linears then
+    take torch's fp32 GEMM)."""
 
     def forward(self, x, freqs, input_pos, mask):
         if input_pos is not None:
@@ -183,33 +206,67 @@ class FastBlock(M.TransformerBlock):
         return super().forward(x, freqs, input_pos, mask)
 
     def _fused(self, x, freqs, input_pos, mask):
-        attn, ffn = self.attention, self.feed_forward
         if (
             torch.compiler.is_compiling()
             or not cpu_kernels.usable(x)
             or freqs.dim() != 3
-            or attn.kv_cache is None
-            or not cpu_kernels.attention_takes(attn.head_dim, attn.kv_cache.k_cache.dtype, mask)
-            or any(m._forward_hooks or m._forward_pre_hooks for m in (self, attn, ffn))
+            or _rows(x) > LONG_FORWARD
         ):
             return None
-        specs = [_linear_spec(m) for m in (attn.wqkv, attn.wo, ffn.w1, ffn.w3, ffn.w2)]
+        plan = self._plan()
+        if plan is None:
+            return None
+        weights, kinds, attn, cache, modules = plan
+        if not cpu_kernels.attention_takes(attn.head_dim, cache.k_cache.dtype, mask) or any(
+            m._forward_hooks or m._forward_pre_hooks for m in modules
+        ):
+            return None
+        return cpu_kernels.block(
+            x, weights, kinds, cache.k_cache, cache.v_cache, input_pos, freqs, mask, attn.n_head,
+            attn.n_local_heads, attn.head_dim, self.attention_norm.eps,
+        )  # fmt: skip
+
+    def _plan(self):
+        """The fused call's weights and kinds, or None where it cannot run. Gathering them through
+        nn.Module attributes cost ~50 us a block (1.5 ms of a SmolLM2 step), so they are kept with a key
+        of everything they were read from (the submodules, their classes, tensors, dtypes, eps and
+        int8 flags, the cache) and read again only when the key changes. Hooks are checked every call."""
+        mods = self._modules
+        attn, ffn = mods["attention"], mods["feed_forward"]
+        parts = (
+            attn._modules["wqkv"], attn._modules["wo"], ffn._modules["w1"], ffn._modules["w3"],
+            ffn._modules["w2"], mods["attention_norm"], mods["ffn_norm"],
+        )  # fmt: skip
+        tensors = [t for m in parts for t in (*m._parameters.values(), *m._buffers.values())]
+        key = (
+            attn._modules.get("kv_cache"), *parts, *map(type, parts), *map(id, tensors),
+            *(t.dtype if t is not None else None for t in tensors),
+            *(m.__dict__.get("int8_activations") for m in parts), parts[5].eps, parts[6].eps,
+        )  # fmt: skip
+        cached = self.__dict__.get("_fused_plan")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        plan = self._make_plan(attn, ffn, parts)
+        # (the tensors are kept too, so that no id in the key can be reused by a new tensor)
+        self.__dict__["_fused_plan"] = (key, plan, tensors)
+        return plan
+
+    def _make_plan(self, attn, ffn, parts):
+        cache = attn.kv_cache
+        if cache is None:
+            return None
+        specs = [_linear_spec(m) for m in parts[:5]]
         if None in specs:
             return None
-        norms = (self.attention_norm, self.ffn_norm)
-        if norms[0].eps != norms[1].eps or any(
-            not cpu_kernels.usable(n.weight) or n._forward_hooks for n in norms
-        ):
+        norms = parts[5:]
+        if norms[0].eps != norms[1].eps or any(not cpu_kernels.usable(n.weight) for n in norms):
             return None
         weights = [norms[0].weight, norms[1].weight] + [t for _, a, b in specs for t in (a, b)]
-        return cpu_kernels.block(
-            x, weights, [kind for kind, _, _ in specs], attn.kv_cache.k_cache, attn.kv_cache.v_cache,
-            input_pos, freqs, mask, attn.n_head, attn.n_local_heads, attn.head_dim, norms[0].eps,
-        )  # fmt: skip
+        return weights, [kind for kind, _, _ in specs], attn, cache, (self, attn, ffn, *parts)
 
 
 def _linear_spec(layer) -> tuple | None:
-    if getattr(layer, "bias", None) is not None or layer._forward_hooks or layer._forward_pre_hooks:
+    if getattr(layer, "bias", None) is not None:
         return None
     spec = getattr(layer, "cpu_spec", None)
     return spec() if spec is not None else None
@@ -322,6 +379,7 @@ def accelerate(model: nn.Module, enabled: bool = True, int8_activations: bool = 
         if twin is None:
             continue
         want = twin if enabled and not (set(names) & set(edited)) else plain
+        module.__dict__.pop("_fused_plan", None)
         if type(module) is not want:
             module.__class__ = want
         if want is twin:

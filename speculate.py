@@ -217,7 +217,13 @@ def autoregressive_decode(
     sync(level.device)
     t0 = time.perf_counter()
     level.reset(prompt.numel() + max_new_tokens)
-    tok = pick(level.forward(prompt, 0, last=1)[-1])
+    # The prompt but its last token in one forward, then that token alone: as speculative decoding
+    # feeds it (its prefill stops one short, and the first round's forward starts with it). A long
+    # prefill may take another GEMM than short forwards do (accel.LONG_FORWARD), and this way the
+    # cache holds the same bits in both, so greedy speculation returns these tokens bit for bit.
+    if prompt.numel() > 1:
+        level.forward(prompt[:-1], 0, last=1)
+    tok = pick(level.forward(prompt[-1:], prompt.numel() - 1)[-1])
     out = []
     pos = prompt.numel()
     while True:

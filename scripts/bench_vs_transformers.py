@@ -70,6 +70,10 @@ def llama_cpp():
     )
 
     def run(ids, n):
+        # generate(reset=True) alone keeps the cache of the tokens it saw last and skips the prompt's
+        # matching prefix: a repeat of the same prompt would then cost no prefill at all. reset() forgets
+        # them, so every run evaluates its whole prompt, as ours and transformers' do.
+        llm.reset()
         t0, first, out = time.perf_counter(), None, []
         for tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, reset=True):
             out.append(int(tok))

@@ -428,12 +428,20 @@ def test_fused_block_gives_the_eager_bits(kernels, fmt, monkeypatch):
         calls.append(out is not None)
         return out
 
+    # A token tree after the 9th token: scratch slots 20-22 at depths (positions) 9, 10, 10, each
+    # node seeing the sequence and its ancestors only.
+    tree_mask = torch.zeros(3, 64, dtype=torch.bool)
+    tree_mask[:, :9] = True
+    tree_mask[[0, 1, 1, 2, 2], [20, 20, 21, 20, 22]] = True
+
     def run():
         model.setup_caches(1, 64)
         with torch.no_grad():
-            return [model(ids[:, :5], torch.arange(5)), model(ids[:, 5:9], torch.arange(5, 9))] + [
-                model(ids[:, i : i + 1], torch.tensor([i])) for i in range(9, 12)
-            ]
+            return (
+                [model(ids[:, :5], torch.arange(5)), model(ids[:, 5:9], torch.arange(5, 9))]
+                + [model(ids[:, 9:12], torch.tensor([20, 21, 22]), tree_mask, torch.tensor([9, 10, 10]))]
+                + [model(ids[:, i : i + 1], torch.tensor([i])) for i in range(9, 12)]
+            )
 
     monkeypatch.setattr(accel.FastBlock, "_fused", counting)
     fast = run()
@@ -441,6 +449,17 @@ def test_fused_block_gives_the_eager_bits(kernels, fmt, monkeypatch):
     monkeypatch.setattr(accel.FastBlock, "_fused", lambda self, *a: None)
     eager = run()
     assert all(torch.equal(a, b) for a, b in zip(fast, eager))
+    # The fused call's weights are kept between calls (FastBlock._plan): a layer or a weight replaced
+    # after a forward is still what runs.
+    ffn = model.layers[0].feed_forward
+    ffn.w2 = accel.FastLinear(ffn.w2.in_features, ffn.w2.out_features, bias=False).to(torch.bfloat16)
+    model.layers[1].attention_norm.weight = torch.nn.Parameter(torch.full((128,), 0.5, dtype=torch.bfloat16))
+    monkeypatch.setattr(accel.FastBlock, "_fused", counting)
+    calls.clear()
+    fast = run()
+    assert calls and all(calls)
+    monkeypatch.setattr(accel.FastBlock, "_fused", lambda self, *a: None)
+    assert all(torch.equal(a, b) for a, b in zip(fast, run()))
     # A forward hook (tensor parallelism's all-reduce is one) sends the block back to the eager path.
     monkeypatch.setattr(accel.FastBlock, "_fused", counting)
     calls.clear()
@@ -529,4 +548,30 @@ def test_smollm2_bf16_greedy_speculation_with_the_head_equals_plain_decoding(ker
         assert stats.levels[1].accepted_at[0] >= 0.15 * stats.levels[1].reached[0], stats.levels[1]
     levels = build_levels(target, tok, [("mxfp4", 3), ("head", 2)], cpu, torch.bfloat16)
     fast, _ = speculative_decode(levels, prompt, 40, k=[3, 2])
+    assert fast.tolist() == plain.tolist()
+
+
+@pytest.mark.slow
+def test_smollm2_long_prompt_prefill_takes_the_fp32_gemm_and_stays_bit_identical(kernels, smollm2, monkeypatch):
+    """A prompt longer than accel.LONG_FORWARD is prefilled through accel.long_linear (torch's fp32
+    GEMM; FastBlock steps aside), not the M-invariant kernels, and greedy speculation still returns
+    plain decoding's tokens bit for bit: both prefill the prompt but its last token the same way."""
+    import accel
+    from checkpoint import build_model
+    from levels import build_levels
+    from speculate import autoregressive_decode, speculative_decode
+
+    model32, tok = smollm2
+    target = build_model(model32.config, model32.state_dict(), "cpu", torch.bfloat16)
+    passage = "The old lighthouse keeper climbed the stairs every evening to light the lamp. " * 8
+    text = tok.apply_chat_template([{"role": "user", "content": "Summarize: " + passage}])
+    prompt = torch.tensor(tok.encode(text, bos=tok.add_bos))
+    assert prompt.numel() > accel.LONG_FORWARD + 1
+    levels = build_levels(target, tok, [("mxfp4", 3)], torch.device("cpu"), torch.bfloat16)
+    rows = []
+    long_linear = accel.long_linear
+    monkeypatch.setattr(accel, "long_linear", lambda x, w: rows.append(x.shape[-2]) or long_linear(x, w))
+    plain, _ = autoregressive_decode(levels[0], prompt, 24)
+    assert rows and set(rows) == {prompt.numel() - 1}  # the prefill went to the fp32 GEMM, nothing else
+    fast, _ = speculative_decode(levels, prompt, 24, k=[3])
     assert fast.tolist() == plain.tolist()

@@ -106,7 +106,7 @@ __all__ = [
 _SOURCES = (
     "ops.cpp", "kernels_avx512.cpp", "kernels_vnni.cpp", "attention_avx512.cpp", "norm_rope.cpp", "block.cpp",
 )  # fmt: skip
-_HEADERS = ("kernels.h", "thread_pool.h")
+_HEADERS = ("kernels.h", "thread_pool.h", "scalar.h")
 # -O3 and nothing target-specific: the kernels carry their own target attributes and are only called
 # after a run-time CPU check. -ffp-contract=off: no fused multiply-adds other than the written ones.
 _CFLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno")

@@ -14,6 +14,9 @@
 
 #include <vector>
 
+#include "kernels.h"
+#include "scalar.h"
+
 namespace specqd_cpu {
 
 at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales);  // ops.cpp
@@ -25,6 +28,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      double scale);                                                               // ops.cpp
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);                   // norm_rope.cpp
 at::Tensor rope(const at::Tensor& x, const at::Tensor& freqs);                                    // norm_rope.cpp
+void attention_run(const AttentionArgs& a);                                                       // ops.cpp
 
 namespace {
 
@@ -41,6 +45,39 @@ at::Tensor linear(int64_t kind, const at::Tensor& x, const at::Tensor& a, const 
   TORCH_CHECK(false, "block: unknown linear kind ", kind);
 }
 
+using scalar::View;
+
+// The decode step's usual case, with its glue in plain loops: batch 1, x contiguous in the dtype of the
+// norm weights (so that every intermediate stays in x's dtype), int64 cache slots. Each loop does what
+// the ATen operation it replaces does, element by element, with the same roundings: the residual adds
+// and the SwiGLU product in fp32 rounded to x's dtype, RoPE as model.py (scalar::rope_row), the cache
+// written in its dtype, attention's fp32 output rounded to x's dtype. What it saves is the ~20 ATen
+// calls per block (views, splits, index_copy_, transposes, small adds), a few microseconds each.
+bool glue_in_loops(const at::Tensor& x, const std::vector<at::Tensor>& w, const at::Tensor& k_cache,
+                   const at::Tensor& v_cache, const at::Tensor& input_pos, const at::Tensor& freqs,
+                   const at::Tensor& mask, int64_t n_kv, int64_t head_dim) {
+  const auto dt = x.scalar_type();
+  const auto ct = k_cache.scalar_type();
+  return x.dim() == 3 && x.size(0) == 1 && x.is_contiguous() && (dt == at::kBFloat16 || dt == at::kFloat) &&
+         w[0].scalar_type() == dt && w[1].scalar_type() == dt && w[0].is_contiguous() && w[1].is_contiguous() &&
+         (ct == at::kBFloat16 || ct == at::kFloat) && v_cache.scalar_type() == ct && k_cache.is_contiguous() &&
+         v_cache.is_contiguous() && k_cache.dim() == 4 && k_cache.size(0) == 1 && k_cache.size(1) == n_kv &&
+         k_cache.size(3) == head_dim && v_cache.sizes() == k_cache.sizes() &&
+         input_pos.scalar_type() == at::kLong && input_pos.dim() == 1 && input_pos.size(0) == x.size(1) &&
+         input_pos.is_contiguous() && freqs.scalar_type() == at::kFloat && freqs.is_contiguous() &&
+         freqs.dim() == 3 && freqs.size(0) == x.size(1) && freqs.size(1) == head_dim / 2 &&
+         mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == x.size(1) &&
+         mask.size(1) == k_cache.size(2) && head_dim % 16 == 0 && head_dim <= 256;
+}
+
+// y = a + b elementwise in a's dtype (fp32 sum, rounded), into out (which may be b).
+void add_into(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
+  const bool bf = a.scalar_type() == at::kBFloat16;
+  const View av{a.data_ptr(), bf}, bv{b.data_ptr(), bf};
+  void* o = out.data_ptr();
+  for (int64_t i = 0, n = a.numel(); i < n; ++i) scalar::store(o, i, av[i] + bv[i], bf);
+}
+
 }  // namespace
 
 // w: [attention_norm.weight, ffn_norm.weight, then (a, b) for wqkv, wo, w1, w3, w2]; kinds: the 5 kinds.
@@ -51,8 +88,74 @@ at::Tensor block(const at::Tensor& x, const std::vector<at::Tensor>& w, const st
   TORCH_CHECK(w.size() == 12 && kinds.size() == 5, "block: 12 weight tensors and 5 kinds expected");
   auto lin = [&](int i, const at::Tensor& in) { return linear(kinds[i], in, w[2 + 2 * i], w[3 + 2 * i]); };
   const int64_t B = x.size(0), T = x.size(1), q_size = n_head * head_dim, kv_size = n_kv * head_dim;
+  if (glue_in_loops(x, w, k_cache, v_cache, input_pos, freqs, mask, n_kv, head_dim)) {
+    const int64_t C = x.size(2), D = head_dim, half = D / 2, S = k_cache.size(2), N = q_size + 2 * kv_size;
+    const bool xb = x.scalar_type() == at::kBFloat16, cb = k_cache.scalar_type() == at::kBFloat16;
+    const int64_t xe = xb ? 2 : 4, ce = cb ? 2 : 4;
+    const int64_t* pos = input_pos.data_ptr<int64_t>();
+    for (int64_t t = 0; t < T; ++t)
+      TORCH_CHECK(pos[t] >= 0 && pos[t] < S, "block: cache slot ", pos[t], " outside the cache of ", S);
+    auto norm = [&](const at::Tensor& in, const at::Tensor& weight) {
+      at::Tensor out = at::empty_like(in);
+      const View wv{weight.data_ptr(), xb};
+      for (int64_t t = 0; t < T; ++t)
+        scalar::rms_norm_row({static_cast<const char*>(in.data_ptr()) + t * C * xe, xb}, wv, C,
+                             static_cast<float>(eps), static_cast<char*>(out.data_ptr()) + t * C * xe, xb);
+      return out;
+    };
 
-  // Attention (model.py: Attention.forward, KVCache.update, cached_attention).
+    // Attention: q rotated into [H, T, D]; k rotated and v copied straight into their cache slots.
+    const at::Tensor qkv = lin(0, norm(x, w[0]));
+    at::Tensor q = at::empty({1, n_head, T, D}, x.options());
+    const char* qkv_p = static_cast<const char*>(qkv.data_ptr());
+    const float* f = freqs.data_ptr<float>();
+    char *qp = static_cast<char*>(q.data_ptr()), *kp = static_cast<char*>(k_cache.data_ptr()),
+         *vp = static_cast<char*>(v_cache.data_ptr());
+    std::vector<float> r(D);
+    for (int64_t t = 0; t < T; ++t) {
+      const char* row = qkv_p + t * N * xe;
+      const float* ft = f + t * half * 2;
+      for (int64_t h = 0; h < n_head; ++h) {
+        scalar::rope_row({row + h * D * xe, xb}, ft, half, r.data());
+        for (int64_t i = 0; i < D; ++i) scalar::store(qp + (h * T + t) * D * xe, i, r[i], xb);
+      }
+      for (int64_t g = 0; g < n_kv; ++g) {
+        const int64_t slot = (g * S + pos[t]) * D * ce;
+        scalar::rope_row({row + (q_size + g * D) * xe, xb}, ft, half, r.data());
+        for (int64_t i = 0; i < D; ++i) scalar::store(kp + slot, i, r[i], cb);
+        const View v{row + (q_size + kv_size + g * D) * xe, xb};
+        for (int64_t i = 0; i < D; ++i) scalar::store(vp + slot, i, v[i], cb);
+      }
+    }
+    const at::Tensor mc = mask.contiguous();
+    at::Tensor att = at::empty({n_head, T, D}, x.options().dtype(at::kFloat));
+    attention_run(AttentionArgs{qp, kp, vp, reinterpret_cast<const uint8_t*>(mc.data_ptr()), att.data_ptr<float>(),
+                                1, n_head, n_kv, T, S, D, S, static_cast<float>(scale), xb, cb});
+    at::Tensor y = at::empty({1, T, q_size}, x.options());  // [H, T, D] -> [T, H * D], in x's dtype
+    const float* ap = att.data_ptr<float>();
+    char* yp = static_cast<char*>(y.data_ptr());
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < n_head; ++h)
+        for (int64_t i = 0; i < D; ++i) scalar::store(yp + (t * q_size + h * D) * xe, i, ap[(h * T + t) * D + i], xb);
+    at::Tensor hid = lin(1, y);
+    add_into(x, hid, hid);
+
+    // Feed-forward: silu by ATen (its exp is torch's), the product and the residual here.
+    const at::Tensor fn = norm(hid, w[1]);
+    at::Tensor gate = lin(2, fn);
+    const at::Tensor up = lin(3, fn);
+    at::silu_(gate);
+    {
+      const View gv{gate.data_ptr(), xb}, uv{up.data_ptr(), xb};
+      void* gp = gate.data_ptr();
+      for (int64_t i = 0, n = gate.numel(); i < n; ++i) scalar::store(gp, i, gv[i] * uv[i], xb);
+    }
+    at::Tensor out = lin(4, gate);
+    add_into(hid, out, out);
+    return out;
+  }
+
+  // Any other case: the same operations through ATen.
   const auto qkv = lin(0, rms_norm(x, w[0], eps)).split_with_sizes({q_size, kv_size, kv_size}, -1);
   at::Tensor q = qkv[0].view({B, T, n_head, head_dim}).transpose(1, 2);
   at::Tensor k = qkv[1].view({B, T, n_kv, head_dim}).transpose(1, 2);
@@ -63,8 +166,6 @@ at::Tensor block(const at::Tensor& x, const std::vector<at::Tensor>& w, const st
   v_cache.index_copy_(2, input_pos, v.to(v_cache.scalar_type()));
   const at::Tensor y = attention(q, k_cache, v_cache, mask, scale);
   const at::Tensor h = x + lin(1, y.transpose(1, 2).reshape({B, T, q_size}));
-
-  // Feed-forward (model.py: FeedForward.forward).
   const at::Tensor f = rms_norm(h, w[1], eps);
   return h + lin(4, at::silu(lin(2, f)) * lin(3, f));
 }

@@ -10,43 +10,15 @@
 
 #include <torch/extension.h>
 
-#include <cmath>
 #include <cstdint>
-#include <cstring>
+#include <vector>
+
+#include "scalar.h"
 
 namespace specqd_cpu {
 namespace {
 
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {  // nearest even, as torch rounds (NaN kept quiet)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-// Element access in the run dtype, as fp32 values.
-struct View {
-  const void* p;
-  bool bf16;
-  float operator[](int64_t i) const {
-    return bf16 ? bf16_to_f32(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
-  }
-};
-inline float round_to(float v, bool bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
-inline void store(void* p, int64_t i, float v, bool bf16) {
-  if (bf16)
-    static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
-  else
-    static_cast<float*>(p)[i] = v;
-}
+using scalar::View;
 
 void check_x(const at::Tensor& x, const char* what) {
   TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16), what,
@@ -72,14 +44,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const View w{wc.data_ptr(), wb};
   char* yp = static_cast<char*>(y.data_ptr());
   const int64_t xe = xb ? 2 : 4, ye = yb ? 2 : 4;
-  for (int64_t r = 0; r < rows; ++r) {
-    const View xr{xp + r * C * xe, xb};
-    double ss = 0;
-    for (int64_t c = 0; c < C; ++c) ss += static_cast<double>(xr[c]) * xr[c];
-    const float inv = 1.0f / std::sqrt(static_cast<float>(ss / C) + static_cast<float>(eps));
-    void* yr = yp + r * C * ye;
-    for (int64_t c = 0; c < C; ++c) store(yr, c, w[c] * round_to(xr[c] * inv, xb), yb);
-  }
+  for (int64_t r = 0; r < rows; ++r)
+    scalar::rms_norm_row({xp + r * C * xe, xb}, w, C, static_cast<float>(eps), yp + r * C * ye, yb);
   return y;
 }
 
@@ -100,17 +66,13 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& freqs) {
   const float* f = fc.data_ptr<float>();
   const char* xp = static_cast<const char*>(xc.data_ptr());
   char* yp = static_cast<char*>(y.data_ptr());
+  std::vector<float> out(D);
   for (int64_t row = 0; row < B * H * T; ++row) {
     const int64_t t = row % T;
     const View xr{xp + row * D * e, bf};
     void* yr = yp + row * D * e;
-    const float* ft = f + t * half * 2;
-    for (int64_t i = 0; i < half; ++i) {
-      const float x1 = xr[i], x2 = xr[i + half], c = ft[2 * i], s = ft[2 * i + 1];
-      const float a = x1 * c, b = x2 * s, p = x2 * c, q = x1 * s;  // as torch: each product rounded
-      store(yr, i, a - b, bf);
-      store(yr, i + half, p + q, bf);
-    }
+    scalar::rope_row(xr, f + t * half * 2, half, out.data());
+    for (int64_t i = 0; i < D; ++i) scalar::store(yr, i, out[i], bf);
   }
   return y;
 }

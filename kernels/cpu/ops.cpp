@@ -288,6 +288,34 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
+// attention_rows over all of a's rows, threaded: threads take whole rows (each row is computed alone,
+// so the split does not change a bit); below ~64 K multiply-adds a helper's wake-up would cost more
+// than it saves.
+void attention_run(const AttentionArgs& a) {
+  const int64_t rows = a.B * a.H * a.T, S = a.S;
+  auto run = [&](int64_t r0, int64_t r1) {
+    thread_local std::vector<float> scores;
+    thread_local std::vector<int32_t> slots;
+    if (static_cast<int64_t>(scores.size()) < S) scores.resize(S), slots.resize(S);
+    attention_rows(a, r0, r1, scores.data(), slots.data());
+  };
+  const int threads = at::get_num_threads();
+  if (threads <= 1 || rows <= 1 || rows * S * a.D < (1 << 16)) {
+    run(0, rows);
+  } else {
+    const int64_t per = std::max<int64_t>(1, rows / (4 * threads));
+    const int64_t chunks = (rows + per - 1) / per;
+    struct Job {
+      decltype(run)* f;
+      int64_t per, rows;
+    } job{&run, per, rows};
+    ThreadPool::instance().run(chunks, threads, [](void* ctx, int64_t i) {
+      const Job& j = *static_cast<const Job*>(ctx);
+      (*j.f)(i * j.per, std::min(j.rows, (i + 1) * j.per));
+    }, &job);
+  }
+}
+
 // Attention of the T new tokens q [B, H, T, D] over the cache k, v [B, KVH, S, D], slots visible where
 // mask [T, S] (bool) is true, scaled by `scale`; returns [B, H, T, D] in q's dtype. Every output row is
 // computed alone, the same way whatever T (attention_avx512.cpp), so a T-token forward gets exactly the
@@ -311,29 +339,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   AttentionArgs a{qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), reinterpret_cast<const uint8_t*>(mc.data_ptr()),
                   out.data_ptr<float>(), B, H, KVH, T, S, D, S, static_cast<float>(scale),
                   q.scalar_type() == at::kBFloat16, k.scalar_type() == at::kBFloat16};
-  const int64_t rows = B * H * T;
-  auto run = [&](int64_t r0, int64_t r1) {
-    thread_local std::vector<float> scores;
-    thread_local std::vector<int32_t> slots;
-    if (static_cast<int64_t>(scores.size()) < S) scores.resize(S), slots.resize(S);
-    attention_rows(a, r0, r1, scores.data(), slots.data());
-  };
-  // Threads take whole rows; below ~64 K multiply-adds a helper's wake-up would cost more than it saves.
-  const int threads = at::get_num_threads();
-  if (threads <= 1 || rows <= 1 || rows * S * D < (1 << 16)) {
-    run(0, rows);
-  } else {
-    const int64_t per = std::max<int64_t>(1, rows / (4 * threads));
-    const int64_t chunks = (rows + per - 1) / per;
-    struct Job {
-      decltype(run)* f;
-      int64_t per, rows;
-    } job{&run, per, rows};
-    ThreadPool::instance().run(chunks, threads, [](void* ctx, int64_t i) {
-      const Job& j = *static_cast<const Job*>(ctx);
-      (*j.f)(i * j.per, std::min(j.rows, (i + 1) * j.per));
-    }, &job);
-  }
+  attention_run(a);
   return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 

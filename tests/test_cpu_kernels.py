@@ -83,6 +83,24 @@ def test_mxfp4_decodes_every_code_and_scale_exactly(kernels):
     assert (y == w.T).all()  # == so that -0 (code 8) equals the +0 the sum gives
 
 
+def test_4bit_weights_decode_to_fp32_exactly(kernels):
+    """Long forwards decode a 4-bit weight to fp32 for torch's GEMM (accel.long_linear): the values must
+    be mxfp4.dequantize's and int4.dequantize's, bit for bit, for every code and scale."""
+    import int4
+
+    n, k = 256, 64
+    codes = torch.arange(256, dtype=torch.uint8)[:, None].repeat(1, k // 2)
+    codes = codes ^ torch.arange(k // 2, dtype=torch.uint8)
+    scales = torch.randint(0, 253, (n, k // 32), generator=gen(1), dtype=torch.uint8)
+    scales[:3] = torch.tensor([0, 1, 252], dtype=torch.uint8)[:, None]
+    assert torch.equal(kernels.mxfp4_weight_f32(codes, scales), dequantize(codes, scales, torch.float32))
+    w = torch.randn(40, 256, generator=gen(2))
+    for dtype in (torch.bfloat16, torch.float16):
+        for group in (32, 128):
+            c, sc = int4.quantize(w, group, dtype)
+            assert torch.equal(kernels.int4_weight_f32(c, sc), int4.dequantize(c, sc, torch.float32))
+
+
 def test_mxfp4_bf16_x(kernels):
     """bf16 x is widened exactly, so the result is the fp32 one rounded once to bf16."""
     codes, scales, _ = random_mxfp4(77, 192, seed=3)

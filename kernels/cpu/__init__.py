@@ -96,6 +96,8 @@ __all__ = [
     "int4_linear_i8",
     "vnni_available",
     "bf16_linear",
+    "mxfp4_weight_f32",
+    "int4_weight_f32",
     "block",
     "attention",
     "rms_norm",
@@ -318,6 +320,18 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return torch.ops.specqd_cpu.bf16_linear(x, w)
     return (_EXT or _require()).bf16_linear(x, w)
+
+
+def mxfp4_weight_f32(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """An MXFP4 weight (codes [N, K/2], scales [N, K/32]) decoded to float32 [N, K]: the values
+    mxfp4_linear multiplies by, for long forwards that take torch's fp32 GEMM."""
+    return (_EXT or _require()).mxfp4_weight_f32(codes, scales)
+
+
+def int4_weight_f32(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """An int4 weight (codes [N, K/2], bf16 or fp16 scales [N, K/G]) decoded to float32 [N, K], as
+    mxfp4_weight_f32."""
+    return (_EXT or _require()).int4_weight_f32(codes, scales)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

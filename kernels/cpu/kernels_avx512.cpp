@@ -621,6 +621,38 @@ AVX512 void bf16_rows(const float* xp, int64_t M, int64_t K, const uint16_t* w, 
   }
 }
 
+// The 32 values of a block of codes (16 bytes, element 2i in the low nibble) through a 16-value table,
+// in natural order: the even and odd elements decode apart (as in the tiles), then interleave.
+AVX512_INLINE void decode_block(const uint8_t* c, __m512 lut, float* out) {
+  const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+  const __m512 even = _mm512_permutexvar_ps(q, lut), odd = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), lut);
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  _mm512_storeu_ps(out, _mm512_permutex2var_ps(even, lo, odd));
+  _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(even, hi, odd));
+}
+
+AVX512 void mxfp4_to_f32(const uint8_t* codes, const uint8_t* scales, int64_t K, int64_t n0, int64_t n1, float* w) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t j = 0; j < K / 32; ++j)
+      decode_block(codes + n * (K / 2) + 16 * j, _mm512_load_ps(kScaledE2M1.data() + (size_t{scales[n * (K / 32) + j]} << 4)),
+                   w + n * K + 32 * j);
+}
+
+AVX512 void int4_to_f32(const uint8_t* codes, const uint16_t* scales, bool scales_f16, int64_t K, int64_t group,
+                        int64_t n0, int64_t n1, float* w) {
+  const __m512 q_values = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  const int64_t ngroups = K / group;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t g = 0; g < ngroups; ++g) {
+      const uint16_t bits = scales[n * ngroups + g];
+      const __m512 scale = scales_to_fp32(_mm256_set1_epi16(static_cast<short>(bits)), scales_f16);
+      const __m512 lut = _mm512_mul_ps(q_values, scale);  // exact: a 4-bit integer times a 16-bit float
+      for (int64_t j = g * (group / 32); j < (g + 1) * (group / 32); ++j)
+        decode_block(codes + n * (K / 2) + 16 * j, lut, w + n * K + 32 * j);
+    }
+}
+
 #if SPECQD_BF16_DOT
 AVX512_BF16 void bf16_rows_dot(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* w, int64_t N, int64_t n0,
                                int64_t n1, void* y, bool y_bf16) {
@@ -650,6 +682,8 @@ void int4_rows(const float*, int64_t, int64_t, int64_t, const uint8_t*, const ui
                int64_t, void*, bool) {}
 void bf16_rows(const float*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, int64_t, void*, bool) {}
 void bf16_rows_dot(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, int64_t, void*, bool) {}
+void mxfp4_to_f32(const uint8_t*, const uint8_t*, int64_t, int64_t, int64_t, float*) {}
+void int4_to_f32(const uint8_t*, const uint16_t*, bool, int64_t, int64_t, int64_t, int64_t, float*) {}
 
 #endif
 

@@ -251,6 +251,32 @@ at::Tensor int4_linear_i8(const at::Tensor& x, const at::Tensor& codes, const at
   return y;
 }
 
+// The MXFP4 or int4 weight as a float32 [N, K] tensor (the values the kernels multiply by), for long
+// forwards: torch's fp32 GEMM then does the products.
+at::Tensor mxfp4_weight_f32(const at::Tensor& codes, const at::Tensor& scales) {
+  check_mxfp4(at::empty({0, codes.size(1) * 2}, codes.options().dtype(at::kFloat)), codes, scales, "mxfp4_weight_f32");
+  const int64_t N = codes.size(0), K = codes.size(1) * 2;
+  const at::Tensor cc = codes.contiguous(), sc = scales.contiguous();
+  at::Tensor w = at::empty({N, K}, codes.options().dtype(at::kFloat));
+  const uint8_t *cp = cc.data_ptr<uint8_t>(), *sp = sc.data_ptr<uint8_t>();
+  float* wp = w.data_ptr<float>();
+  for_rows(N, K / 2 + K / 32, [&](int64_t n0, int64_t n1) { mxfp4_to_f32(cp, sp, K, n0, n1, wp); });
+  return w;
+}
+
+at::Tensor int4_weight_f32(const at::Tensor& codes, const at::Tensor& scales) {
+  check_int4(at::empty({0, codes.size(1) * 2}, codes.options().dtype(at::kFloat)), codes, scales, "int4_weight_f32");
+  const int64_t N = codes.size(0), K = codes.size(1) * 2, G = scales.size(1);
+  const at::Tensor cc = codes.contiguous(), sc = scales.contiguous();
+  at::Tensor w = at::empty({N, K}, codes.options().dtype(at::kFloat));
+  const uint8_t* cp = cc.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr());
+  const bool f16 = scales.scalar_type() == at::kHalf;
+  float* wp = w.data_ptr<float>();
+  for_rows(N, K / 2 + 2 * G, [&](int64_t n0, int64_t n1) { int4_to_f32(cp, sp, f16, K, K / G, n0, n1, wp); });
+  return w;
+}
+
 // y = x @ W.T with W in bf16 [N, K]. x float32 or bfloat16 [..., K] is rounded to bf16 (nearest even)
 // and the bf16 x bf16 products are accumulated in fp32; y [..., N] in x's dtype.
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
@@ -382,6 +408,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear_i8", &int4_linear_i8, "y = x @ W.T, W in int4, x quantized to int8 per block of 32",
         py::arg("x"), py::arg("codes"), py::arg("scales"));
   m.def("bf16_linear", &bf16_linear, "y = x @ W.T, W in bf16, x rounded to bf16", py::arg("x"), py::arg("w"));
+  m.def("mxfp4_weight_f32", &mxfp4_weight_f32, "an MXFP4 weight decoded to float32 [N, K]", py::arg("codes"),
+        py::arg("scales"));
+  m.def("int4_weight_f32", &int4_weight_f32, "an int4 weight decoded to float32 [N, K]", py::arg("codes"),
+        py::arg("scales"));
   m.def("attention", &attention, "softmax(q k^T * scale, mask) v over a KV cache", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("mask"), py::arg("scale"));
   m.def("rms_norm", &rms_norm, "model.py's RMSNorm in one call", py::arg("x"), py::arg("weight"), py::arg("eps"));

@@ -570,7 +570,7 @@ def test_smollm2_bf16_greedy_speculation_with_the_head_equals_plain_decoding(ker
 
 
 @pytest.mark.slow
-def test_smollm2_long_prompt_prefill_takes_the_fp32_gemm_and_stays_bit_identical(kernels, smollm2, monkeypatch):
+def test_smollm2_long_prompt_prefill_takes_the_fp32_gemm_and_stays_identical(kernels, smollm2, monkeypatch):
     """A prompt longer than accel.LONG_FORWARD is prefilled through accel.long_linear (torch's fp32
     GEMM; FastBlock steps aside), not the M-invariant kernels, and greedy speculation still returns
     plain decoding's tokens bit for bit: both prefill the prompt but its last token the same way."""

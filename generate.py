@@ -28,6 +28,11 @@ import argparse
 import os
 import sys
 
+# OpenMP's threads sleep as soon as a parallel region ends instead of spinning for milliseconds: a decode
+# step runs a few small ATen regions (the logits' conversion, argmax), and spinning OpenMP threads then
+# take the cores from our kernels' own threads (docs/kernels.md). libgomp reads this when torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 
 import tp
@@ -129,6 +134,17 @@ def parse_args(argv=None):
     p.add_argument(
         "--threads", type=int, default=None, help="CPU threads for torch and our kernels (default: all cores)"
     )
+    p.add_argument(
+        "--int8-drafts",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="MXFP4/int4 drafts round their inputs to int8 (AVX512-VNNI CPUs): faster, same output",
+    )
+    p.add_argument(
+        "--int8-target",
+        action="store_true",
+        help="an MXFP4/int4 target (--target-quant) rounds its inputs to int8 too: faster, other numerics",
+    )
     p.add_argument("--show", action="store_true", help="colour each token by the level that produced it")
     p.add_argument(
         "--quantize-head",
@@ -196,7 +212,7 @@ def main(argv=None):
     try:
         levels = build_levels(
             model, tokenizer, args.drafts, device, dtype, args.quantize_head, args.compile, args.target_quant,
-            kernels=args.kernels,
+            kernels=args.kernels, int8_drafts=args.int8_drafts, int8_target=args.int8_target,
         )  # fmt: skip
         if rank is not None:
             shard_levels(levels, args.drafts)

@@ -139,6 +139,8 @@ def build_levels(
     compile=None,
     target_quant="none",
     kernels=True,
+    int8_drafts=True,
+    int8_target=False,
 ) -> list:
     """ModelLevels (and proposers) for [target, *drafts], top-down; drafts are LevelSpecs (or (kind, k)
     pairs). `mxfp4` / `int4` cast the model of the level above it (the unquantized one: a draft of an
@@ -148,17 +150,21 @@ def build_levels(
     every level agrees on the format).
     kernels: every model gets accel.accelerate (kernel-backed twins of its modules); False leaves
     them as model.py wrote them (and swaps back a target that was accelerated before).
+    int8_drafts / int8_target: the MXFP4 and int4 linears of the drafts / of the target round their
+    input to int8 on CPUs with AVX512-VNNI (accel.FastMXFP4Linear). On by default for drafts: a draft's
+    numerics change only its acceptance, never the output (measured unchanged, 0.39 exact vs 0.40
+    int8, scripts/profile_step.py --acceptance); opt-in for the target, whose numerics are the output.
     compile: torch.compile + CUDA graphs for decode-sized forwards (None: on for CUDA)."""
     drafts = [d if isinstance(d, LevelSpec) else LevelSpec(*d) for d in drafts]
     compile = torch.device(device).type == "cuda" if compile is None else compile
 
-    def level(model, name):
-        accelerate(model, enabled=kernels)
+    def level(model, name, int8):
+        accelerate(model, enabled=kernels, int8_activations=int8)
         return ModelLevel(model, name, compiled=compile_decode(model) if compile else None)
 
     top = target if target_quant == "none" else cast(target, target_quant)
     name = "target" if target_quant == "none" else f"target({target_quant})"
-    levels, plain = [level(top, name)], [target]
+    levels, plain = [level(top, name, int8_target)], [target]
     for d in drafts:
         if d.kind == "ngram":
             levels.append(NgramProposer())
@@ -195,7 +201,7 @@ def build_levels(
         plain.append(model)
         if quant:
             model, name = cast(model, quant, quantize_head), f"{name}@{quant}"
-        levels.append(level(model, name))
+        levels.append(level(model, name, int8_drafts))
     return levels
 
 

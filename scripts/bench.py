@@ -13,8 +13,14 @@ is the min-max of the per-repeat speedups. Writes PREFIX.json and PREFIX.md with
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+# OpenMP's threads sleep as soon as a parallel region ends instead of spinning for milliseconds: a decode
+# step runs a few small ATen regions (the logits' conversion, argmax), and spinning OpenMP threads then
+# take the cores from our kernels' own threads (docs/kernels.md). libgomp reads this when torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 

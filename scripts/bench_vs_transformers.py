@@ -16,10 +16,17 @@ bf16 target with that stack of drafts (levels.parse_levels; fixed k), exact like
 """
 
 import argparse
+import os
 import platform
 import statistics
 import time
 from pathlib import Path
+
+# OpenMP's threads sleep as soon as a parallel region ends instead of spinning for milliseconds: a decode
+# step runs a few small ATen regions (the logits' conversion, argmax), and spinning OpenMP threads then
+# take the cores from our kernels' own threads (docs/kernels.md). libgomp reads this when torch loads.
+# Everything in this process runs under it, transformers and llama.cpp included.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 

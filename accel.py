@@ -26,8 +26,10 @@ from __future__ import annotations
 import ast
 import hashlib
 import inspect
+import itertools
 import textwrap
 from dataclasses import dataclass, field
+from operator import is_
 
 import torch
 import torch.nn as nn
@@ -228,56 +230,85 @@ class FastBlock(M.TransformerBlock):
             or _rows(x) > LONG_FORWARD
         ):
             return None
-        plan = self._plan()
-        if plan is None:
-            return None
-        weights, kinds, attn, cache, modules = plan
-        if not cpu_kernels.attention_takes(attn.head_dim, cache.k_cache.dtype, mask) or any(
-            m._forward_hooks or m._forward_pre_hooks for m in modules
+        plan = self.__dict__.get("_fused_plan")
+        if plan is None or not plan.holds():
+            plan = self.__dict__["_fused_plan"] = _BlockPlan(self)
+        if (
+            plan.args is None
+            or not cpu_kernels.attention_takes(plan.head_dim, plan.cache_dtype, mask)
+            or any(m._forward_hooks or m._forward_pre_hooks for m in plan.modules)
         ):
             return None
+        w, kinds, k_cache, v_cache, n_head, n_kv, head_dim, eps = plan.args
         return cpu_kernels.block(
-            x, weights, kinds, cache.k_cache, cache.v_cache, input_pos, freqs, mask, attn.n_head,
-            attn.n_local_heads, attn.head_dim, self.attention_norm.eps,
-        )  # fmt: skip
+            x, w, kinds, k_cache, v_cache, input_pos, freqs, mask, n_head, n_kv, head_dim, eps
+        )
 
-    def _plan(self):
-        """The fused call's weights and kinds, or None where it cannot run. Gathering them through
-        nn.Module attributes cost ~50 us a block (1.5 ms of a SmolLM2 step), so they are kept with a key
-        of everything they were read from (the submodules, their classes, tensors, dtypes, eps and
-        int8 flags, the cache) and read again only when the key changes. Hooks are checked every call."""
-        mods = self._modules
+
+class _BlockPlan:
+    """FastBlock's fused call, minus its per-call inputs: the weights and kinds of its linears, its cache
+    and shapes, or args = None where it cannot run. Gathering them through nn.Module attributes cost
+    ~50 us a block (1.5 ms of a SmolLM2 step), so a block keeps its plan, with what it was read from:
+    holds() checks in a few microseconds that every submodule, class, parameter, buffer, int8 flag,
+    eps and the cache are still the ones read (a layer or weight replaced, a cache reallocated or
+    accelerate() changing a class or a flag makes a new plan). Hooks are checked on every call."""
+
+    def __init__(self, block):
+        mods = block._modules
         attn, ffn = mods["attention"], mods["feed_forward"]
-        parts = (
-            attn._modules["wqkv"], attn._modules["wo"], ffn._modules["w1"], ffn._modules["w3"],
-            ffn._modules["w2"], mods["attention_norm"], mods["ffn_norm"],
-        )  # fmt: skip
-        tensors = [t for m in parts for t in (*m._parameters.values(), *m._buffers.values())]
-        key = (
-            attn._modules.get("kv_cache"), *parts, *map(type, parts), *map(id, tensors),
-            *(t.dtype if t is not None else None for t in tensors),
-            *(m.__dict__.get("int8_activations") for m in parts), parts[5].eps, parts[6].eps,
-        )  # fmt: skip
-        cached = self.__dict__.get("_fused_plan")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        plan = self._make_plan(attn, ffn, parts)
-        # (the tensors are kept too, so that no id in the key can be reused by a new tensor)
-        self.__dict__["_fused_plan"] = (key, plan, tensors)
-        return plan
+        parts = [attn._modules[n] for n in ("wqkv", "wo")] + [ffn._modules[n] for n in ("w1", "w3", "w2")]
+        parts += [mods["attention_norm"], mods["ffn_norm"]]
+        self.modules = (block, attn, ffn, *parts)
+        self.types = tuple(map(type, self.modules))
+        # (mapping, names, values, size or None): mapping[name] must still be value, for every name
+        self.watch = [
+            _snapshot(block._modules, ("attention", "feed_forward", "attention_norm", "ffn_norm")),
+            _snapshot(attn._modules, ("wqkv", "wo", "kv_cache")),
+            _snapshot(ffn._modules, ("w1", "w3", "w2")),
+            _snapshot(attn.__dict__, ("n_head", "n_local_heads", "head_dim")),
+        ]
+        for m in parts:
+            self.watch += [_snapshot(m._parameters), _snapshot(m._buffers)]
+            self.watch.append(_snapshot(m.__dict__, ("int8_activations", "eps")))
+        self.args = self._args(attn, parts)
 
-    def _make_plan(self, attn, ffn, parts):
-        cache = attn.kv_cache
+    def holds(self) -> bool:
+        for d, names, values, size in self.watch:
+            if (size is not None and len(d) != size) or not all(
+                map(is_, map(d.get, names, _ABSENTS), values)
+            ):
+                return False
+        return all(map(is_, map(type, self.modules), self.types))
+
+    def _args(self, attn, parts):
+        cache = attn._modules.get("kv_cache")
         if cache is None:
             return None
+        self.watch.append(_snapshot(cache._buffers, ("k_cache", "v_cache")))
         specs = [_linear_spec(m) for m in parts[:5]]
-        if None in specs:
-            return None
         norms = parts[5:]
-        if norms[0].eps != norms[1].eps or any(not cpu_kernels.usable(n.weight) for n in norms):
+        if (
+            None in specs
+            or norms[0].eps != norms[1].eps
+            or any(not cpu_kernels.usable(n.weight) for n in norms)
+        ):
             return None
+        self.head_dim, self.cache_dtype = attn.head_dim, cache.k_cache.dtype
         weights = [norms[0].weight, norms[1].weight] + [t for _, a, b in specs for t in (a, b)]
-        return weights, [kind for kind, _, _ in specs], attn, cache, (self, attn, ffn, *parts)
+        kinds = [kind for kind, _, _ in specs]
+        return (weights, kinds, cache.k_cache, cache.v_cache, attn.n_head, attn.n_local_heads, attn.head_dim,
+                norms[0].eps)  # fmt: skip
+
+
+_ABSENT = object()
+_ABSENTS = itertools.repeat(_ABSENT)
+
+
+def _snapshot(d: dict, names: tuple | None = None) -> tuple:
+    """What holds() compares: the values of `names` in d (all of d's, and its size, when None)."""
+    size = len(d) if names is None else None
+    names = tuple(d) if names is None else names
+    return d, names, tuple(d.get(n, _ABSENT) for n in names), size
 
 
 def _linear_spec(layer) -> tuple | None:

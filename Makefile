@@ -20,7 +20,7 @@ demo: setup
 
 # Triton kernels run on the CPU under the interpreter: that is how they are tested without a GPU.
 test: setup
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=15 tests
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 

@@ -17,9 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-# OpenMP's threads sleep as soon as a parallel region ends instead of spinning for milliseconds: a decode
-# step runs a few small ATen regions (the logits' conversion, argmax), and spinning OpenMP threads then
-# take the cores from our kernels' own threads (docs/kernels.md). libgomp reads this when torch loads.
+# As generate.py: OpenMP's threads sleep after a region instead of spinning (docs/kernels.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch

@@ -22,9 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
-# OpenMP's threads sleep as soon as a parallel region ends instead of spinning for milliseconds: a decode
-# step runs a few small ATen regions (the logits' conversion, argmax), and spinning OpenMP threads then
-# take the cores from our kernels' own threads (docs/kernels.md). libgomp reads this when torch loads.
+# As generate.py: OpenMP's threads sleep after a region instead of spinning (docs/kernels.md).
 # Everything in this process runs under it, transformers and llama.cpp included.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

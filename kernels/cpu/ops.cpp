@@ -73,20 +73,26 @@ int64_t leading_rows(const at::Tensor& x) {
 // single chunk runs on the calling thread alone, where waking a helper would cost more than it saves.
 constexpr int64_t kChunkBytes = 48 * 1024;
 
+// f over [0, N) in chunks of `per`, claimed from the pool; on the calling thread alone when there is
+// one chunk or one thread.
 template <typename F>
-void for_rows(int64_t N, int64_t bytes_per_row, const F& f) {
-  const int64_t rows = std::max<int64_t>(16, kChunkBytes / std::max<int64_t>(1, bytes_per_row) / 16 * 16);
-  const int64_t chunks = (N + rows - 1) / rows;
+void in_chunks(int64_t N, int64_t per, const F& f) {
+  const int64_t chunks = (N + per - 1) / per;
   const int threads = at::get_num_threads();
   if (chunks <= 1 || threads <= 1) return f(0, N);
   struct Job {
     const F* f;
-    int64_t rows, N;
-  } job{&f, rows, N};
+    int64_t per, N;
+  } job{&f, per, N};
   ThreadPool::instance().run(chunks, threads, [](void* ctx, int64_t i) {
     const Job& j = *static_cast<const Job*>(ctx);
-    (*j.f)(i * j.rows, std::min(j.N, (i + 1) * j.rows));
+    (*j.f)(i * j.per, std::min(j.N, (i + 1) * j.per));
   }, &job);
+}
+
+template <typename F>
+void for_rows(int64_t N, int64_t bytes_per_row, const F& f) {
+  in_chunks(N, std::max<int64_t>(16, kChunkBytes / std::max<int64_t>(1, bytes_per_row) / 16 * 16), f);
 }
 
 void check_common(const at::Tensor& x, const at::Tensor& w, const char* what) {
@@ -325,21 +331,8 @@ void attention_run(const AttentionArgs& a) {
     if (static_cast<int64_t>(scores.size()) < S) scores.resize(S), slots.resize(S);
     attention_rows(a, r0, r1, scores.data(), slots.data());
   };
-  const int threads = at::get_num_threads();
-  if (threads <= 1 || rows <= 1 || rows * S * a.D < (1 << 16)) {
-    run(0, rows);
-  } else {
-    const int64_t per = std::max<int64_t>(1, rows / (4 * threads));
-    const int64_t chunks = (rows + per - 1) / per;
-    struct Job {
-      decltype(run)* f;
-      int64_t per, rows;
-    } job{&run, per, rows};
-    ThreadPool::instance().run(chunks, threads, [](void* ctx, int64_t i) {
-      const Job& j = *static_cast<const Job*>(ctx);
-      (*j.f)(i * j.per, std::min(j.rows, (i + 1) * j.per));
-    }, &job);
-  }
+  if (rows * S * a.D < (1 << 16)) return run(0, rows);
+  in_chunks(rows, std::max<int64_t>(1, rows / (4 * at::get_num_threads())), run);
 }
 
 // Attention of the T new tokens q [B, H, T, D] over the cache k, v [B, KVH, S, D], slots visible where

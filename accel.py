@@ -26,7 +26,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import inspect
-import itertools
 import textwrap
 from dataclasses import dataclass, field
 from operator import is_
@@ -236,7 +235,7 @@ class FastBlock(M.TransformerBlock):
         if (
             plan.args is None
             or not cpu_kernels.attention_takes(plan.head_dim, plan.cache_dtype, mask)
-            or any(m._forward_hooks or m._forward_pre_hooks for m in plan.modules)
+            or plan.hooked()
         ):
             return None
         w, kinds, k_cache, v_cache, n_head, n_kv, head_dim, eps = plan.args
@@ -245,46 +244,132 @@ class FastBlock(M.TransformerBlock):
         )
 
 
-class _BlockPlan:
+class FastTransformer(M.Transformer):
+    """model.Transformer whose layer loop, on the cached path, is one C++ call (kernels/cpu/block.cpp's
+    blocks(): each FastBlock's fused call in turn). Python's ~40 us around each block call (the module
+    call, FastBlock's checks, converting its arguments) cost 1.2-1.6 ms of a SmolLM2 step; a third of
+    an MXFP4 draft step's time outside the weights. Where any block would step aside (FastBlock says
+    when), all of them run as modules, one by one. The rest is Transformer.forward as written."""
+
+    def forward(self, idx, input_pos=None, mask=None, positions=None, last=None):
+        x = self.tok_embeddings(idx)
+        if input_pos is None:
+            freqs = M.rope_table(self.config, idx.shape[1], idx.device)
+        else:
+            if self.max_seq_length < 0:
+                raise RuntimeError("call setup_caches() before a cached forward (input_pos given)")
+            freqs = self.freqs_cis[input_pos if positions is None else positions]
+            if mask is None:
+                mask = self.causal_mask[input_pos]
+        fused = None if input_pos is None else self._fused(x, freqs, input_pos, mask)
+        if fused is not None:
+            x = fused
+        else:
+            for layer in self.layers:
+                x = layer(x, freqs, input_pos, mask)
+        x = self.norm(x)
+        self.features = x
+        if last is not None:
+            x = x[:, -last:]
+        return self.output(x)
+
+    def _fused(self, x, freqs, input_pos, mask):
+        if (
+            torch.compiler.is_compiling()
+            or not cpu_kernels.usable(x)
+            or freqs.dim() != 3
+            or _rows(x) > LONG_FORWARD
+        ):
+            return None
+        plan = self.__dict__.get("_fused_plan")
+        if plan is None or not plan.holds():
+            plan = self.__dict__["_fused_plan"] = _StackPlan(self)
+        if (
+            plan.args is None
+            or not cpu_kernels.attention_takes(plan.head_dim, plan.cache_dtype, mask)
+            or plan.hooked()
+        ):
+            return None
+        w, kinds, k_caches, v_caches, n_head, n_kv, head_dim, eps = plan.args
+        return cpu_kernels.blocks(
+            x, w, kinds, k_caches, v_caches, input_pos, freqs, mask, n_head, n_kv, head_dim, eps
+        )
+
+
+class _Watch:
+    """What a plan was read from, checked in a few microseconds per call: (mapping, name) pairs whose
+    values must still be the very objects read, mappings watched whole (their size too, for an entry
+    added), modules whose class must not have changed, and hook dicts that must stay empty. Each check
+    is one C-level pass over flat lists: the Python loop it replaced took ~9 us a block."""
+
+    def __init__(self):
+        self.dicts, self.names, self.values = [], [], []
+        self.sized, self.sizes = [], []
+        self.modules, self.types, self.hooks = [], [], []
+
+    def watch(self, d: dict, names: tuple | None = None):
+        if names is None:
+            names = tuple(d)
+            self.sized.append(d)
+            self.sizes.append(len(d))
+        self.dicts += [d] * len(names)
+        self.names += names
+        self.values += map(d.get, names)  # kept, so no object read can be freed and its id reused
+
+    def watch_modules(self, *modules):
+        self.modules += modules
+        self.types += map(type, modules)
+        self.hooks += (d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks))
+
+    def absorb(self, other: _Watch):
+        for name in ("dicts", "names", "values", "sized", "sizes", "modules", "types", "hooks"):
+            getattr(self, name).extend(getattr(other, name))
+
+    def holds(self) -> bool:
+        return (
+            all(map(is_, map(dict.get, self.dicts, self.names), self.values))
+            and list(map(len, self.sized)) == self.sizes
+            and list(map(type, self.modules)) == self.types
+        )
+
+    def hooked(self) -> bool:
+        """Whether a hook would run (hooks are how tensor parallelism adds its all-reduces)."""
+        return any(map(len, self.hooks)) or bool(_global_hooks[0] or _global_hooks[1])
+
+
+_global_hooks = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
+
+
+class _BlockPlan(_Watch):
     """FastBlock's fused call, minus its per-call inputs: the weights and kinds of its linears, its cache
     and shapes, or args = None where it cannot run. Gathering them through nn.Module attributes cost
     ~50 us a block (1.5 ms of a SmolLM2 step), so a block keeps its plan, with what it was read from:
-    holds() checks in a few microseconds that every submodule, class, parameter, buffer, int8 flag,
-    eps and the cache are still the ones read (a layer or weight replaced, a cache reallocated or
-    accelerate() changing a class or a flag makes a new plan). Hooks are checked on every call."""
+    holds() checks that every submodule, class, parameter, buffer, int8 flag, eps and the cache are
+    still the ones read (a layer or weight replaced, a cache reallocated or accelerate() changing a class
+    or a flag makes a new plan). Hooks are checked on every call."""
 
     def __init__(self, block):
+        super().__init__()
         mods = block._modules
         attn, ffn = mods["attention"], mods["feed_forward"]
         parts = [attn._modules[n] for n in ("wqkv", "wo")] + [ffn._modules[n] for n in ("w1", "w3", "w2")]
         parts += [mods["attention_norm"], mods["ffn_norm"]]
-        self.modules = (block, attn, ffn, *parts)
-        self.types = tuple(map(type, self.modules))
-        # (mapping, names, values, size or None): mapping[name] must still be value, for every name
-        self.watch = [
-            _snapshot(block._modules, ("attention", "feed_forward", "attention_norm", "ffn_norm")),
-            _snapshot(attn._modules, ("wqkv", "wo", "kv_cache")),
-            _snapshot(ffn._modules, ("w1", "w3", "w2")),
-            _snapshot(attn.__dict__, ("n_head", "n_local_heads", "head_dim")),
-        ]
+        self.watch_modules(block, attn, ffn, *parts)
+        self.watch(block._modules, ("attention", "feed_forward", "attention_norm", "ffn_norm"))
+        self.watch(attn._modules, ("wqkv", "wo", "kv_cache"))
+        self.watch(ffn._modules, ("w1", "w3", "w2"))
+        self.watch(attn.__dict__, ("n_head", "n_local_heads", "head_dim"))
         for m in parts:
-            self.watch += [_snapshot(m._parameters), _snapshot(m._buffers)]
-            self.watch.append(_snapshot(m.__dict__, ("int8_activations", "eps")))
+            self.watch(m._parameters)
+            self.watch(m._buffers)
+            self.watch(m.__dict__, ("int8_activations", "eps"))
         self.args = self._args(attn, parts)
-
-    def holds(self) -> bool:
-        for d, names, values, size in self.watch:
-            if (size is not None and len(d) != size) or not all(
-                map(is_, map(d.get, names, _ABSENTS), values)
-            ):
-                return False
-        return all(map(is_, map(type, self.modules), self.types))
 
     def _args(self, attn, parts):
         cache = attn._modules.get("kv_cache")
         if cache is None:
             return None
-        self.watch.append(_snapshot(cache._buffers, ("k_cache", "v_cache")))
+        self.watch(cache._buffers, ("k_cache", "v_cache"))
         specs = [_linear_spec(m) for m in parts[:5]]
         norms = parts[5:]
         if (
@@ -300,15 +385,37 @@ class _BlockPlan:
                 norms[0].eps)  # fmt: skip
 
 
-_ABSENT = object()
-_ABSENTS = itertools.repeat(_ABSENT)
+class _StackPlan(_Watch):
+    """FastTransformer's one call for all its blocks: their plans' arguments concatenated (each block
+    keeps its own plan too, for its own calls), and one check for all of them. args is None where a
+    block is not a FastBlock, cannot be fused, or the blocks' shapes differ."""
 
-
-def _snapshot(d: dict, names: tuple | None = None) -> tuple:
-    """What holds() compares: the values of `names` in d (all of d's, and its size, when None)."""
-    size = len(d) if names is None else None
-    names = tuple(d) if names is None else names
-    return d, names, tuple(d.get(n, _ABSENT) for n in names), size
+    def __init__(self, model):
+        super().__init__()
+        layers = model._modules["layers"]
+        self.watch(model._modules, ("layers",))
+        self.watch(layers._modules)
+        blocks = list(layers._modules.values())
+        self.watch_modules(*blocks)
+        plans = [_BlockPlan(b) if type(b) is FastBlock else None for b in blocks]
+        for block, plan in zip(blocks, plans):
+            if plan is not None:
+                block.__dict__["_fused_plan"] = plan
+                self.absorb(plan)
+        self.args = None
+        if not plans or any(p is None or p.args is None for p in plans):
+            return
+        shapes = {p.args[4:] + (p.cache_dtype,) for p in plans}  # heads, kv heads, head_dim, eps, cache dtype
+        if len(shapes) != 1:
+            return
+        self.head_dim, self.cache_dtype = plans[0].head_dim, plans[0].cache_dtype
+        self.args = (
+            [w for p in plans for w in p.args[0]],
+            [k for p in plans for k in p.args[1]],
+            [p.args[2] for p in plans],
+            [p.args[3] for p in plans],
+            *plans[0].args[4:],
+        )
 
 
 def _linear_spec(layer) -> tuple | None:
@@ -331,12 +438,15 @@ TWINS: dict[type, tuple[type, tuple[str, ...]]] = {
         FastBlock,
         ("TransformerBlock.forward", "FeedForward.forward", "RMSNorm.forward", *_MIRRORS),
     ),
+    # Its fused loop runs FastBlocks only, which are off when what they mirror is edited.
+    M.Transformer: (FastTransformer, ("Transformer.forward",)),
 }
 
 # The fingerprints (see source_fingerprint) of model.py's functions as the twins mirror them. After a
 # deliberate change to one of them, change its twin and the C++ to match, then update the value here
 # (tests/test_accel.py prints the new ones).
 FINGERPRINTS = {
+    "Transformer.forward": "9c69e7fa1ab40491",
     "Attention.forward": "b6c86a9f37dec0c8",
     "apply_rope": "8c060958f3b08cb3",
     "cached_attention": "33b92cb548796d59",

@@ -425,8 +425,9 @@ def test_rms_norm_and_rope_follow_the_model(kernels, dtype):
 
 @pytest.mark.parametrize("fmt", ["bf16", "mxfp4", "int4"])
 def test_fused_block_gives_the_eager_bits(kernels, fmt, monkeypatch):
-    """block.cpp runs model.py's TransformerBlock in one call: the same bits as the eager path, for every
-    weight format and token count, and it steps aside where it must (hooks, fp32 weights)."""
+    """block.cpp runs model.py's TransformerBlock in one call, and all the blocks of a model in another:
+    the same bits as the eager path, for every weight format and token count, and they step aside where
+    they must (hooks)."""
     import accel
     import int4
     import mxfp4
@@ -438,13 +439,18 @@ def test_fused_block_gives_the_eager_bits(kernels, fmt, monkeypatch):
     model = {"bf16": model, "mxfp4": mxfp4.quantize_model(model), "int4": int4.quantize_model(model)}[fmt]
     accel.accelerate(model)
     ids = torch.randint(0, 300, (1, 12))
-    calls = []
-    fused = accel.FastBlock._fused
+    calls = {accel.FastBlock: [], accel.FastTransformer: []}
+    originals = {twin: twin._fused for twin in calls}
 
-    def counting(self, *a):
-        out = fused(self, *a)
-        calls.append(out is not None)
-        return out
+    def counting(twin):
+        fused = originals[twin]
+
+        def counted(self, *a):
+            out = fused(self, *a)
+            calls[twin].append(out is not None)
+            return out
+
+        return counted
 
     # A token tree after the 9th token: scratch slots 20-22 at depths (positions) 9, 10, 10, each
     # node seeing the sequence and its ancestors only.
@@ -452,7 +458,12 @@ def test_fused_block_gives_the_eager_bits(kernels, fmt, monkeypatch):
     tree_mask[:, :9] = True
     tree_mask[[0, 1, 1, 2, 2], [20, 20, 21, 20, 22]] = True
 
-    def run():
+    def run(stack: bool, blocks: bool):
+        """The forwards, with FastTransformer's one call for all blocks and FastBlock's per block each on
+        (counted) or off (returning None, as when they step aside)."""
+        for twin, on in ((accel.FastTransformer, stack), (accel.FastBlock, blocks)):
+            monkeypatch.setattr(twin, "_fused", counting(twin) if on else lambda self, *a: None)
+            calls[twin].clear()
         model.setup_caches(1, 64)
         with torch.no_grad():
             return (
@@ -461,29 +472,29 @@ def test_fused_block_gives_the_eager_bits(kernels, fmt, monkeypatch):
                 + [model(ids[:, i : i + 1], torch.tensor([i])) for i in range(9, 12)]
             )
 
-    monkeypatch.setattr(accel.FastBlock, "_fused", counting)
-    fast = run()
-    assert calls and all(calls)  # the fused path ran for every block
-    monkeypatch.setattr(accel.FastBlock, "_fused", lambda self, *a: None)
-    eager = run()
-    assert all(torch.equal(a, b) for a, b in zip(fast, eager))
-    # The fused call's weights are kept between calls (FastBlock._plan): a layer or a weight replaced
-    # after a forward is still what runs.
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    eager = run(stack=False, blocks=False)
+    assert same(run(stack=False, blocks=True), eager)
+    assert calls[accel.FastBlock] and all(calls[accel.FastBlock])  # the fused path ran for every block
+    assert same(run(stack=True, blocks=True), eager)
+    assert calls[accel.FastTransformer] and all(calls[accel.FastTransformer])  # and for every forward
+    assert not calls[accel.FastBlock]  # the stack's call stood in for the blocks'
+    # The fused calls' weights are kept between calls (the plans in accel.py): a layer or a weight
+    # replaced after a forward is still what runs.
     ffn = model.layers[0].feed_forward
     ffn.w2 = accel.FastLinear(ffn.w2.in_features, ffn.w2.out_features, bias=False).to(torch.bfloat16)
     model.layers[1].attention_norm.weight = torch.nn.Parameter(torch.full((128,), 0.5, dtype=torch.bfloat16))
-    monkeypatch.setattr(accel.FastBlock, "_fused", counting)
-    calls.clear()
-    fast = run()
-    assert calls and all(calls)
-    monkeypatch.setattr(accel.FastBlock, "_fused", lambda self, *a: None)
-    assert all(torch.equal(a, b) for a, b in zip(fast, run()))
-    # A forward hook (tensor parallelism's all-reduce is one) sends the block back to the eager path.
-    monkeypatch.setattr(accel.FastBlock, "_fused", counting)
-    calls.clear()
+    eager = run(stack=False, blocks=False)
+    assert same(run(stack=False, blocks=True), eager) and all(calls[accel.FastBlock])
+    assert same(run(stack=True, blocks=True), eager) and all(calls[accel.FastTransformer])
+    # A forward hook (tensor parallelism's all-reduce is one) sends its block back to the eager path,
+    # and the stack steps aside for the blocks to decide one by one.
     model.layers[0].attention.register_forward_hook(lambda m, a, out: out)
-    run()
-    assert calls[0] is False and calls[1] is True
+    run(stack=True, blocks=True)
+    assert not any(calls[accel.FastTransformer])
+    assert calls[accel.FastBlock][:2] == [False, True]
 
 
 @pytest.mark.slow

@@ -284,14 +284,19 @@ def test_fused_block_with_int8_kinds_gives_the_twins_bits(kernels, fmt, monkeypa
                 model(ids[:, i : i + 1], torch.tensor([i])) for i in range(9, 12)
             ]
 
+    stack = accel.FastTransformer._fused
+    monkeypatch.setattr(accel.FastTransformer, "_fused", lambda self, *a: None)  # the blocks one by one
     monkeypatch.setattr(accel.FastBlock, "_fused", counting)
     fast = run()
     assert calls and all(calls)
     monkeypatch.setattr(accel.FastBlock, "_fused", lambda self, *a: None)
     eager = run()
     assert all(torch.equal(a, b) for a, b in zip(fast, eager))
-    # The int8 path really runs: the exact twins give other logits.
+    # All the blocks in one call (FastTransformer) give the same bits.
+    monkeypatch.setattr(accel.FastTransformer, "_fused", stack)
     monkeypatch.setattr(accel.FastBlock, "_fused", fused)
+    assert all(torch.equal(a, b) for a, b in zip(run(), eager))
+    # The int8 path really runs: the exact twins give other logits.
     accel.accelerate(model)
     assert not any(m.int8_activations for m in twins)
     assert not torch.equal(run()[0], fast[0])

@@ -99,6 +99,7 @@ __all__ = [
     "mxfp4_weight_f32",
     "int4_weight_f32",
     "block",
+    "blocks",
     "attention",
     "rms_norm",
     "rope",
@@ -384,6 +385,15 @@ def block(x, weights, kinds, k_cache, v_cache, input_pos, freqs, mask, n_head, n
     and int4 with int8 activations (mxfp4_linear_i8, int4_linear_i8: only where vnni_available())."""
     return (_EXT or _require()).block(
         x, weights, kinds, k_cache, v_cache, input_pos, freqs, mask, n_head, n_kv_head, head_dim, eps,
+        head_dim**-0.5,
+    )  # fmt: skip
+
+
+def blocks(x, weights, kinds, k_caches, v_caches, input_pos, freqs, mask, n_head, n_kv_head, head_dim, eps):
+    """block() for every layer in turn, in one call: weights and kinds are the layers' block() lists
+    concatenated (12 tensors and 5 kinds a layer), k_caches and v_caches one tensor a layer."""
+    return (_EXT or _require()).blocks(
+        x, weights, kinds, k_caches, v_caches, input_pos, freqs, mask, n_head, n_kv_head, head_dim, eps,
         head_dim**-0.5,
     )  # fmt: skip
 

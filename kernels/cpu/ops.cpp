@@ -19,6 +19,10 @@ at::Tensor block(const at::Tensor& x, const std::vector<at::Tensor>& w, const st
                  at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& input_pos, const at::Tensor& freqs,
                  const at::Tensor& mask, int64_t n_head, int64_t n_kv, int64_t head_dim, double eps,
                  double scale);                                                   // block.cpp
+at::Tensor blocks(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<int64_t>& kinds,
+                  const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
+                  const at::Tensor& input_pos, const at::Tensor& freqs, const at::Tensor& mask, int64_t n_head,
+                  int64_t n_kv, int64_t head_dim, double eps, double scale);  // block.cpp
 
 namespace {
 
@@ -410,6 +414,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "model.py's RMSNorm in one call", py::arg("x"), py::arg("weight"), py::arg("eps"));
   m.def("rope", &rope, "model.py's apply_rope in one call", py::arg("x"), py::arg("freqs"));
   m.def("block", &block, "model.py's TransformerBlock (cached path) in one call");
+  m.def("blocks", &blocks, "every TransformerBlock of a model (cached path) in one call");
   m.def("cpu_has_avx512", &cpu_has_avx512);
   m.def("cpu_has_avx512_bf16", &cpu_has_avx512_bf16);
   m.def("cpu_has_avx512_vnni", &cpu_has_avx512_vnni);

@@ -95,13 +95,15 @@ def encode_prompts(rows: list[dict], tokenizer, chat: bool = True) -> list[tuple
 
 @dataclass
 class Stack:
-    """A built configuration: its levels (levels.build_levels), k per draft level, trees (or None) and
-    the k policy (policy.py)."""
+    """A built configuration: its levels (levels.build_levels), k per draft level, trees (or None),
+    the k policy (policy.py) and whether drafts share their verifier's keys and values (share_kv in
+    speculate.speculative_decode)."""
 
     levels: list
     ks: list[int]
     trees: list | None = None
     policy: str = "fixed"
+    share_kv: bool = True
 
 
 def as_specs(drafts) -> list:
@@ -114,7 +116,9 @@ def as_specs(drafts) -> list:
     return [d if isinstance(d, LevelSpec) else LevelSpec(d[0], int(d[1]), "tree" in d[2:]) for d in drafts]
 
 
-def build_stack(target, tokenizer, drafts, device, dtype, tree=None, policy="fixed", **kw) -> Stack:
+def build_stack(
+    target, tokenizer, drafts, device, dtype, tree=None, policy="fixed", share_kv=True, **kw
+) -> Stack:
     """levels.build_levels for [target, *drafts] (which accelerates every model unless kernels=False);
     `tree` (a TreeShape) is the shape of the levels marked tree."""
     from levels import build_levels
@@ -122,7 +126,7 @@ def build_stack(target, tokenizer, drafts, device, dtype, tree=None, policy="fix
     specs = as_specs(drafts)
     levels = build_levels(target, tokenizer, specs, device, dtype, **kw)
     trees = [tree if s.tree else None for s in specs]
-    return Stack(levels, [s.k for s in specs], trees if any(trees) else None, policy)
+    return Stack(levels, [s.k for s in specs], trees if any(trees) else None, policy, share_kv)
 
 
 def record_drafts(drafts) -> list:
@@ -141,8 +145,9 @@ def decode(
     if not stack.ks:
         return autoregressive_decode(stack.levels[0], ids, max_new, **kw)
     return speculative_decode(
-        stack.levels, ids, max_new, k=stack.ks, trees=stack.trees, trace=trace, policy=stack.policy, **kw
-    )
+        stack.levels, ids, max_new, k=stack.ks, trees=stack.trees, trace=trace, policy=stack.policy,
+        share_kv=stack.share_kv, **kw,
+    )  # fmt: skip
 
 
 def run_interleaved(

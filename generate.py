@@ -141,6 +141,14 @@ def parse_args(argv=None):
         help="MXFP4/int4 drafts round their inputs to int8 (AVX512-VNNI CPUs): faster, same output",
     )
     p.add_argument(
+        "--share-kv",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a draft with the target's shapes (an MXFP4/int4 cast) reads its verifier's keys and values "
+        "for the prompt and verified tokens instead of computing its own: no draft prefill, and a higher "
+        "acceptance; same output",
+    )
+    p.add_argument(
         "--int8-target",
         action="store_true",
         help="an MXFP4/int4 target (--target-quant) rounds its inputs to int8 too: faster, other numerics",
@@ -248,7 +256,8 @@ def main(argv=None):
             ks = [d.k for d in args.drafts]
             out, stats = speculative_decode(
                 levels, prompt, args.max_new_tokens, k=ks, stop_ids=tokenizer.stop_ids, on_token=stream,
-                adaptive=args.adaptive, trees=args.trees, policy=args.k_policy, **sampling,
+                adaptive=args.adaptive, trees=args.trees, policy=args.k_policy, share_kv=args.share_kv,
+                **sampling,
             )  # fmt: skip
     except ValueError as e:
         sys.exit(f"\nerror: {e}")

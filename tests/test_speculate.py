@@ -353,12 +353,17 @@ class CheckedNgram(NgramProposer):
         return super().propose(tokens, k)
 
 
-def checked_run(names, k, n_new, temperature, seed, **kw):
-    pool = draft_pool()
+def checked_run(names, k, n_new, temperature, seed, share_kv=False, pool=None, **kw):
+    """A run whose every level checks its forwards against no-cache ones. The drafts keep their own
+    caches (share_kv=False): a draft reading its verifier's keys and values conditions on something
+    no single model computes, except when it is an exact copy."""
+    pool = pool or draft_pool()
     levels = [CheckedLevel(tiny_model(0), "target")]
     for n in names:
         levels.append(CheckedNgram() if n == "ngram" else CheckedLevel(pool[n], n))
-    run = Speculation(levels, k, temperature, generator=torch.Generator().manual_seed(seed), **kw)
+    run = Speculation(
+        levels, k, temperature, generator=torch.Generator().manual_seed(seed), share_kv=share_kv, **kw
+    )
     for lv in levels:
         lv.run, lv.checked = run, 0
     out, stats = run.generate(torch.tensor(PROMPT), n_new)
@@ -391,6 +396,35 @@ def test_kv_caches_stay_right(names, k, temperature):
         assert "all" in outcomes
     if names[0] == "s1":
         assert "rejected" in outcomes
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_shared_kv_slots_are_the_verifiers(temperature):
+    """share_kv: a draft with its verifier's shapes takes the verifier's keys and values for the slots
+    it has not computed. With exact copies as drafts those are the very values each draft would compute,
+    so every forward must still equal a no-cache forward: a slot copied before the verifier computed
+    it, or counted as seen without being copied, would not. (Exactness with drafts that differ is the
+    greedy and distribution tests' job: they run with share_kv on, its default.)"""
+    pool = draft_pool()
+    copies = {"copy": pool["copy"], "copy2": copy.deepcopy(pool["copy"])}
+    for seed in range(2):
+        for names, k in ((["copy"], [4]), (["copy", "copy2"], [4, 2])):
+            _, stats = checked_run(names, k, 20, temperature, seed, share_kv=True, pool=copies)
+            assert stats.levels[1].accepted == stats.levels[1].proposed or temperature > 0
+    # A draft that differs still skips its prefill and its catch-up tokens: it feeds fewer of them.
+    fed = {False: [], True: []}
+    for share in (False, True):
+        levels = [ModelLevel(tiny_model(0), "target"), ModelLevel(pool["near"], "near")]
+
+        def counted(tokens, *a, _forward=levels[1].forward, _fed=fed[share], **kw):
+            _fed.append(tokens.numel())
+            return _forward(tokens, *a, **kw)
+
+        levels[1].forward = counted
+        out, _ = speculative_decode(levels, torch.tensor(PROMPT), 20, k=[3], share_kv=share)
+        assert out.tolist() == greedy_reference(PROMPT, 20)
+    assert sum(fed[True]) < sum(fed[False]) - (len(PROMPT) - 2)
+    assert max(fed[True]) == 1  # no prefill, and no catch-up: one token per draft forward
 
 
 def test_kv_check_catches_a_stale_cache(monkeypatch):

@@ -192,6 +192,10 @@ class CheckedTreeLevel(CheckedLevel):
         self.checked += 1
         return out
 
+    def copy_kv(self, other, start, end):
+        self.slot_tokens.update({s: other.slot_tokens[s] for s in range(start, end)})
+        super().copy_kv(other, start, end)
+
     def move_kv(self, src, dst):
         moved = [self.slot_tokens[s] for s in src.tolist()]
         self.slot_tokens.update(zip(dst.tolist(), moved))
@@ -207,10 +211,18 @@ class CheckedTreeNgram(CheckedNgram):
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 @pytest.mark.parametrize(
-    "names,k",
-    [(["copy"], [3]), (["s1"], [3]), (["near"], [4]), (["near", "mid"], [4, 2]), (["mid", "ngram"], [3, 3])],
+    "names,k,share_kv",
+    [
+        (["copy"], [3], False),
+        (["copy"], [3], True),  # an exact copy may take the verifier's keys and values and still check
+        (["s1"], [3], False),
+        (["near"], [4], False),
+        (["near", "mid"], [4, 2], False),
+        (["mid", "ngram"], [3, 3], False),
+    ],
 )
-def test_kv_caches_stay_right_with_trees(names, k, temperature):
+def test_kv_caches_stay_right_with_trees(names, k, share_kv, temperature):
+    """Each level's own cache: drafts that differ from their verifier check only with share_kv off."""
     pool = draft_pool()
     for seed in range(2):
         levels = [CheckedTreeLevel(tiny_model(0), "target")]
@@ -218,7 +230,9 @@ def test_kv_caches_stay_right_with_trees(names, k, temperature):
             levels.append(CheckedTreeNgram() if n == "ngram" else CheckedTreeLevel(pool[n], n))
         trees = [None] * (len(names) - 1) + [TreeShape(nodes=6, topk=2)]
         g = torch.Generator().manual_seed(seed)
-        run = Speculation(levels, k, temperature, generator=g, trees=trees, adaptive=seed == 1)
+        run = Speculation(
+            levels, k, temperature, generator=g, trees=trees, adaptive=seed == 1, share_kv=share_kv
+        )
         for lv in levels:
             lv.run, lv.checked = run, 0
         out, stats = run.generate(torch.tensor(PROMPT), 20)
@@ -232,7 +246,7 @@ def test_tree_check_catches_unmoved_keys(monkeypatch):
     monkeypatch.setattr(CheckedTreeLevel, "move_kv", lambda self, src, dst: None)
     levels = [CheckedTreeLevel(tiny_model(0), "target")]
     levels.append(CheckedTreeLevel(draft_pool()["near"], "near"))
-    run = Speculation(levels, [3], trees=[TreeShape(6, 2)])
+    run = Speculation(levels, [3], trees=[TreeShape(6, 2)], share_kv=False)
     for lv in levels:
         lv.run, lv.checked = run, 0
     with pytest.raises(AssertionError, match="Tensor-likes are not close"):

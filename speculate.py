@@ -120,10 +120,15 @@ class ModelLevel:
 
     def shares_kv_with(self, other) -> bool:
         """Whether this level's cache can take `other` level's keys and values slot for slot: the same
-        layers, heads, head size, dtype and device (a 4-bit cast of the same model), and no feature head
-        reading this level's own hidden states (features exist only for the slots it computes)."""
+        layers, heads, head size, dtype and device (a 4-bit cast of the same model). Where a feature
+        head reads this level's hidden states, `other` must keep its own (copied along: Speculation
+        asks it to, see share_features)."""
         theirs = getattr(other, "_caches", None)
-        if not theirs or len(theirs) != len(self._caches) or self.features is not None:
+        if not theirs or len(theirs) != len(self._caches):
+            return False
+        if self.features is not None and (
+            other.features is None or other.features.shape[1:] != self.features.shape[1:]
+        ):
             return False
         for m, o in zip(self._caches, theirs):
             a, b = m.k_cache, o.k_cache
@@ -136,12 +141,32 @@ class ModelLevel:
                 return False
         return True
 
+    def share_features(self, other) -> bool:
+        """Before a generation: if a feature head reads this level's hidden states and `other` (its
+        verifier) is the same shape of model, ask `other` to keep its own, so that shares_kv_with can
+        hold. Returns whether it asked."""
+        a, b = self.model.config, getattr(getattr(other, "model", None), "config", None)
+        same = b is not None and (a.dim, a.n_layer, a.n_local_heads, a.head_dim) == (
+            b.dim, b.n_layer, b.n_local_heads, b.head_dim
+        )  # fmt: skip
+        if self.keep_features and same and hasattr(other, "keep_features"):
+            other.keep_features = True
+            return True
+        return False
+
     @torch.no_grad()
     def copy_kv(self, other, start: int, end: int):
-        """Cache slots start..end-1 from `other` (see shares_kv_with)."""
-        for m, o in zip(self._caches, other._caches):
-            m.k_cache[:, :, start:end] = o.k_cache[:, :, start:end]
-            m.v_cache[:, :, start:end] = o.v_cache[:, :, start:end]
+        """Cache slots start..end-1 from `other` (see shares_kv_with), in one call for every layer: a
+        slice assignment per cache cost ~20 us, 1.3 ms a round for SmolLM2's 60 caches. The hidden
+        states of those positions too, where a feature head reads them."""
+        views = [
+            (c[:, :, start:end], d[:, :, start:end])
+            for m, o in zip(self._caches, other._caches)
+            for c, d in ((m.k_cache, o.k_cache), (m.v_cache, o.v_cache))
+        ]
+        if self.features is not None:
+            views.append((self.features[start:end], other.features[start:end]))
+        torch._foreach_copy_([c for c, _ in views], [d for _, d in views])
 
     @torch.no_grad()
     def move_kv(self, src: Tensor, dst: Tensor):
@@ -499,6 +524,10 @@ class Speculation:
         self.origin = [-1] * P
         self.seen = [0] * len(self.levels)
         self.lends = [False] * len(self.levels)
+        if self.share_kv:
+            for i in range(1, len(self.levels)):
+                if hasattr(self.levels[i], "share_features"):
+                    self.levels[i].share_features(self.levels[i - 1])
         for i, level in enumerate(self.levels):
             level.reset(self._cache_size(i, limit))
             if P < 2 or is_proposer(level):

@@ -132,12 +132,25 @@ class CheckedHead(HeadLevel):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-@pytest.mark.parametrize("names,k", [(["head"], [3]), (["near", "head"], [4, 2]), (["mid", "head"], [3, 3])])
-def test_head_cache_and_features_stay_right(names, k, temperature):
+@pytest.mark.parametrize(
+    "names,k,share_kv",
+    [
+        (["head"], [3], True),
+        (["near", "head"], [4, 2], False),
+        (["mid", "head"], [3, 3], False),
+        # An exact copy of the target in the middle takes the target's keys, values and features for
+        # what it has not computed (share_kv): still exactly what it would compute itself.
+        (["copy", "head"], [4, 2], True),
+    ],
+)
+def test_head_cache_and_features_stay_right(names, k, share_kv, temperature):
+    """The head's forwards against a recomputation from the verifier's own features (so drafts in the
+    middle that differ from the target keep their own keys, values and features: share_kv off)."""
     levels = head_stack(names)
     levels[-1] = CheckedHead(levels[-1].model, levels[-2], "head")
     for seed in range(3):
-        run = Speculation(levels, k, temperature, generator=torch.Generator().manual_seed(seed))
+        g = torch.Generator().manual_seed(seed)
+        run = Speculation(levels, k, temperature, generator=g, share_kv=share_kv)
         levels[-1].run, levels[-1].checked = run, 0
         run.generate(torch.tensor(PROMPT), 16)
         assert levels[-1].checked > 0

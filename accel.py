@@ -209,8 +209,9 @@ class FastAttention(M.Attention):
 class FastBlock(M.TransformerBlock):
     """model.TransformerBlock on the cached path in one C++ call (kernels/cpu/block.cpp): the same
     kernels and operations in the same order as the twins above, so the same bits, without ~150 us of
-    Python per block (a third of a 135M model's decode step). It steps aside (the modules run one by
-    one) for hooks (tensor parallelism adds its all-reduces as hooks), compilation, another device,
+    Python per block (a third of a 135M model's decode step). FastTransformer calls all the blocks at
+    once where it can; this is the call for the blocks one by one. It steps aside (the modules run one
+    by one) for hooks (tensor parallelism adds its all-reduces as hooks), compilation, another device,
     fp32 weights, a linear it has no kernel for, or a prefill (LONG_FORWARD: its bf16 linears then
     take torch's fp32 GEMM)."""
 
@@ -222,26 +223,36 @@ class FastBlock(M.TransformerBlock):
         return super().forward(x, freqs, input_pos, mask)
 
     def _fused(self, x, freqs, input_pos, mask):
-        if (
-            torch.compiler.is_compiling()
-            or not cpu_kernels.usable(x)
-            or freqs.dim() != 3
-            or _rows(x) > LONG_FORWARD
-        ):
-            return None
-        plan = self.__dict__.get("_fused_plan")
-        if plan is None or not plan.holds():
-            plan = self.__dict__["_fused_plan"] = _BlockPlan(self)
-        if (
-            plan.args is None
-            or not cpu_kernels.attention_takes(plan.head_dim, plan.cache_dtype, mask)
-            or plan.hooked()
-        ):
+        plan = _fused_plan(self, _BlockPlan, x, freqs, mask)
+        if plan is None:
             return None
         w, kinds, k_cache, v_cache, n_head, n_kv, head_dim, eps = plan.args
         return cpu_kernels.block(
             x, w, kinds, k_cache, v_cache, input_pos, freqs, mask, n_head, n_kv, head_dim, eps
         )
+
+
+def _fused_plan(module, make, x, freqs, mask):
+    """The plan of `module`'s fused call (kept in its __dict__, made again by make(module) when what it
+    was read from changed), or None where the call must step aside for this input: compilation, an
+    input the kernels do not take, a long forward, a mask attention cannot use, or a hook."""
+    if (
+        torch.compiler.is_compiling()
+        or not cpu_kernels.usable(x)
+        or freqs.dim() != 3
+        or _rows(x) > LONG_FORWARD
+    ):
+        return None
+    plan = module.__dict__.get("_fused_plan")
+    if plan is None or not plan.holds():
+        plan = module.__dict__["_fused_plan"] = make(module)
+    if (
+        plan.args is None
+        or not cpu_kernels.attention_takes(plan.head_dim, plan.cache_dtype, mask)
+        or plan.hooked()
+    ):
+        return None
+    return plan
 
 
 class FastTransformer(M.Transformer):
@@ -274,21 +285,8 @@ class FastTransformer(M.Transformer):
         return self.output(x)
 
     def _fused(self, x, freqs, input_pos, mask):
-        if (
-            torch.compiler.is_compiling()
-            or not cpu_kernels.usable(x)
-            or freqs.dim() != 3
-            or _rows(x) > LONG_FORWARD
-        ):
-            return None
-        plan = self.__dict__.get("_fused_plan")
-        if plan is None or not plan.holds():
-            plan = self.__dict__["_fused_plan"] = _StackPlan(self)
-        if (
-            plan.args is None
-            or not cpu_kernels.attention_takes(plan.head_dim, plan.cache_dtype, mask)
-            or plan.hooked()
-        ):
+        plan = _fused_plan(self, _StackPlan, x, freqs, mask)
+        if plan is None:
             return None
         w, kinds, k_caches, v_caches, n_head, n_kv, head_dim, eps = plan.args
         return cpu_kernels.blocks(

@@ -530,11 +530,11 @@ class Speculation:
                     self.levels[i].share_features(self.levels[i - 1])
         for i, level in enumerate(self.levels):
             level.reset(self._cache_size(i, limit))
+            self.lends[i] = self.share_kv and i > 0 and _shares_kv(level, self.levels[i - 1])
             if P < 2 or is_proposer(level):
                 continue
             # Prefill: every level sees the prompt but its last token (a level sharing its verifier's
             # keys and values copies them instead).
-            self.lends[i] = self.share_kv and i > 0 and _shares_kv(level, self.levels[i - 1])
             if not self.catch_up(i, P - 1):
                 self.logits(i, P - 2, P - 1)
         self.policy.start(self)

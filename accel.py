@@ -27,6 +27,7 @@ import ast
 import hashlib
 import inspect
 import textwrap
+import time
 from dataclasses import dataclass, field
 from operator import is_
 
@@ -52,11 +53,13 @@ except ImportError:
 
 # Forwards over more rows than this are prefills: no verification or catch-up of a level that decodes
 # every round gets there (speculate.COMPILE_MAX_TOKENS is the same bound). They are compute-bound, and
-# there a bf16 weight widened to fp32 and torch's fp32 GEMM beats our M-invariant kernels (1.7x at 80
-# rows, 2.1x at 240, on the 2-core AVX-512 CPU we measured; torch's own bf16 GEMM was slower than ours
-# there, for want of AVX512-BF16). Its rows do not round like one-token steps, which is why plain and
-# speculative decoding both prefill the prompt without its last token and compute that token's row
-# in a short forward: the cache then holds the same bits in both (tests/test_cpu_kernels.py).
+# there torch's GEMM beats our M-invariant kernels: widening a bf16 weight to fp32 for torch's fp32 GEMM
+# was 1.7x faster at 80 rows, 2.1x at 240, on a 2-core Ice Lake (no AVX512-BF16: torch's own bf16 GEMM
+# was slower than ours there), and on a 2-core Zen 5, which multiplies bf16 natively, torch's bf16 GEMM
+# prefilled 76 tokens of SmolLM2 in 65 ms where the fp32 one took 191 and ours 206 (long_linear picks).
+# Its rows do not round like one-token steps, which is why plain and speculative decoding both prefill
+# the prompt without its last token and compute that token's row in a short forward: the cache then
+# holds the same bits in both (tests/test_cpu_kernels.py).
 LONG_FORWARD = 64
 
 
@@ -65,9 +68,12 @@ def _rows(x: Tensor) -> int:
 
 
 def long_linear(x: Tensor, w: Tensor) -> Tensor:
-    """x @ w.T for a long forward: both widened to fp32 (exactly; a 4-bit weight decoded to fp32 by
-    the kernels first), torch's GEMM, rounded back to x's dtype. The same maths as our kernels (fp32
-    sums of exact products), summed in another order."""
+    """x @ w.T for a long forward by torch's GEMM: in bf16 where both are bf16 and the CPU multiplies
+    bf16 natively (cpu_kernels.native_bf16), else both widened to fp32 (exactly; a 4-bit weight decoded
+    by the kernels first) and the result rounded back to x's dtype. Either way the maths of our kernels
+    (fp32 sums of exact products, one rounding to x's dtype), summed in another order."""
+    if x.dtype == w.dtype == torch.bfloat16 and cpu_kernels.native_bf16():
+        return F.linear(x, w)
     return F.linear(x.float(), w.float()).to(x.dtype)
 
 
@@ -102,8 +108,8 @@ class FastMXFP4Linear(mxfp4.MXFP4Linear):
     int8_activations (set by accelerate): on a CPU with AVX512-VNNI, round x to int8 per block of 32
     and use integer dot products (kernels/cpu mxfp4_linear_i8): faster, but not MXFP4Linear's bits,
     so a level's numerics. Ignored on CUDA and on CPUs without VNNI (the exact kernel runs).
-    Long forwards (past LONG_FORWARD rows) of the exact path decode the weight to fp32 for torch's
-    GEMM (long_linear)."""
+    Long forwards (past LONG_FORWARD rows) of the exact path decode the weight for torch's GEMM
+    (long_linear): to fp32, then to bf16 where that GEMM runs in bf16."""
 
     int8_activations: bool = False
 
@@ -115,7 +121,10 @@ class FastMXFP4Linear(mxfp4.MXFP4Linear):
             y = mxfp4_triton(x.reshape(-1, self.in_features), self.codes, self.scales)
             y = y.view(*x.shape[:-1], self.out_features)
         elif cpu_kernels.usable(x) and _rows(x) > LONG_FORWARD and not self._int8():
-            y = long_linear(x, cpu_kernels.mxfp4_weight_f32(self.codes, self.scales))
+            w = cpu_kernels.mxfp4_weight_f32(self.codes, self.scales)
+            if x.dtype == torch.bfloat16 and cpu_kernels.native_bf16():
+                w = w.to(torch.bfloat16)  # exact: an E2M1 value times a power of two fits in bf16
+            y = long_linear(x, w)
         elif cpu_kernels.usable(x):
             linear = cpu_kernels.mxfp4_linear_i8 if self._int8() else cpu_kernels.mxfp4_linear
             y = linear(x, self.codes, self.scales)
@@ -512,14 +521,19 @@ class Report:
         return line
 
 
-def accelerate(model: nn.Module, enabled: bool = True, int8_activations: bool = False) -> Report:
+def accelerate(model: nn.Module, enabled: bool = True, int8_activations: bool | str = False) -> Report:
     """Swap every module of `model` that has a twin (above) for it, in place; with enabled=False, swap
     twins back to their plain classes. Twins that mirror an edited model.py function are left off.
     Safe to call on a model that is already (partly) accelerated, and on models on any device: twins
     only call kernels for inputs the kernels take.
     int8_activations: the MXFP4 and int4 twins round their input to int8 on CPUs with AVX512-VNNI
-    (FastMXFP4Linear says what that changes); every call sets it, on or off, on all of them."""
+    (FastMXFP4Linear says what that changes); every call sets it, on or off, on all of them. "auto":
+    on where it measures faster on this CPU (int8_pays), for a level whose numerics are free to choose."""
     kernels = cpu_kernels.available() if enabled else False
+    if int8_activations == "auto":
+        int8_activations = bool(kernels) and int8_pays(model)
+    elif not isinstance(int8_activations, bool):
+        raise ValueError(f"int8_activations must be True, False or 'auto', got {int8_activations!r}")
     edited = edited_functions() if enabled else []
     report = Report(enabled, kernels, None if kernels or not enabled else cpu_kernels.unavailable_reason())
     report.edited = edited
@@ -543,6 +557,47 @@ def accelerate(model: nn.Module, enabled: bool = True, int8_activations: bool = 
         else:
             module.__dict__.pop("int8_activations", None)
     return report
+
+
+_INT8_PAYS: dict = {}
+
+
+def int8_pays(model: nn.Module, repeats: int = 5) -> bool:
+    """Whether int8 activations make `model`'s 4-bit linears faster on this CPU, measured: every MXFP4
+    or int4 linear of the model once on one bf16 row (a decode step's weight reads), with the exact
+    kernels and with the int8 ones, passes in turn, best of `repeats` each (tens of milliseconds for
+    SmolLM2; remembered per set of shapes and thread count). Whole passes, because a single matrix can
+    sit in the cache and mislead: int8 was faster on SmolLM2's head alone on a 2-core Zen 5 and 1.3x
+    slower over the whole model there, while a 2-core Ice Lake gained 1.2x a step. False without VNNI
+    or 4-bit linears on the CPU."""
+    if not cpu_kernels.vnni_available():
+        return False
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, (mxfp4.MXFP4Linear, int4.Int4Linear)) and m.codes.device.type == "cpu"
+    ]
+    if not layers:
+        return False
+    calls = [(m.codes, m.scales, m.in_features, isinstance(m, mxfp4.MXFP4Linear)) for m in layers]
+    key = (tuple((mx, *c.shape, *sc.shape) for c, sc, _, mx in calls), torch.get_num_threads())
+    if key not in _INT8_PAYS:
+        xs = {k: torch.randn(1, k).to(torch.bfloat16) for _, _, k, _ in calls}
+        kernels = {
+            False: (cpu_kernels.mxfp4_linear, cpu_kernels.int4_linear),
+            True: (cpu_kernels.mxfp4_linear_i8, cpu_kernels.int4_linear_i8),
+        }
+        best = {False: float("inf"), True: float("inf")}
+        with torch.no_grad():
+            for i in range(repeats + 1):  # the first pass of each warms up, untimed
+                for int8, (mx_f, int4_f) in kernels.items():
+                    t0 = time.perf_counter()
+                    for codes, scales, k, mx in calls:
+                        (mx_f if mx else int4_f)(xs[k], codes, scales)
+                    if i:
+                        best[int8] = min(best[int8], time.perf_counter() - t0)
+        _INT8_PAYS[key] = best[True] < best[False]
+    return _INT8_PAYS[key]
 
 
 # --- torch.compile and CUDA graphs ---------------------------------------------------------------------

@@ -139,7 +139,7 @@ def build_levels(
     compile=None,
     target_quant="none",
     kernels=True,
-    int8_drafts=True,
+    int8_drafts="auto",
     int8_target=False,
 ) -> list:
     """ModelLevels (and proposers) for [target, *drafts], top-down; drafts are LevelSpecs (or (kind, k)
@@ -151,9 +151,10 @@ def build_levels(
     kernels: every model gets accel.accelerate (kernel-backed twins of its modules); False leaves
     them as model.py wrote them (and swaps back a target that was accelerated before).
     int8_drafts / int8_target: the MXFP4 and int4 linears of the drafts / of the target round their
-    input to int8 on CPUs with AVX512-VNNI (accel.FastMXFP4Linear). On by default for drafts: a draft's
-    numerics change only its acceptance, never the output (measured unchanged, 0.39 exact vs 0.40
-    int8, scripts/profile_step.py --acceptance); opt-in for the target, whose numerics are the output.
+    input to int8 on CPUs with AVX512-VNNI (accel.FastMXFP4Linear): True, False or "auto" (where it
+    measures faster on this CPU, accel.int8_pays). "auto" for drafts by default: a draft's numerics
+    change only its acceptance, never the output (measured unchanged, 0.39 exact vs 0.40 int8,
+    scripts/profile_step.py --acceptance); off for the target, whose numerics are the output.
     compile: torch.compile + CUDA graphs for decode-sized forwards (None: on for CUDA)."""
     drafts = [d if isinstance(d, LevelSpec) else LevelSpec(*d) for d in drafts]
     compile = torch.device(device).type == "cuda" if compile is None else compile

@@ -120,8 +120,8 @@ def main(argv=None):
     stacks = {
         name: bench_lib.build_stack(
             model, tok, c["levels"], device, dtype, tree, c.get("policy", "fixed"), c.get("share_kv", True),
-            quantize_head=c.get("quantize_head", True), compile=a.compile,
-            target_quant=c.get("target_quant", a.target_quant), kernels=a.kernels,
+            quantize_head=c.get("quantize_head", True), int8_drafts=c.get("int8_drafts", "auto"),
+            compile=a.compile, target_quant=c.get("target_quant", a.target_quant), kernels=a.kernels,
         )
         for name, c in configs.items()
     }  # fmt: skip

@@ -93,7 +93,10 @@ def test_4bit_weights_decode_to_fp32_exactly(kernels):
     codes = codes ^ torch.arange(k // 2, dtype=torch.uint8)
     scales = torch.randint(0, 253, (n, k // 32), generator=gen(1), dtype=torch.uint8)
     scales[:3] = torch.tensor([0, 1, 252], dtype=torch.uint8)[:, None]
-    assert torch.equal(kernels.mxfp4_weight_f32(codes, scales), dequantize(codes, scales, torch.float32))
+    w32 = kernels.mxfp4_weight_f32(codes, scales)
+    assert torch.equal(w32, dequantize(codes, scales, torch.float32))
+    # bf16 holds every MXFP4 value too (FastMXFP4Linear's long forwards on a CPU with native bf16)
+    assert torch.equal(w32.to(torch.bfloat16).float(), w32)
     w = torch.randn(40, 256, generator=gen(2))
     for dtype in (torch.bfloat16, torch.float16):
         for group in (32, 128):
@@ -580,10 +583,34 @@ def test_smollm2_bf16_greedy_speculation_with_the_head_equals_plain_decoding(ker
     assert fast.tolist() == plain.tolist()
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_long_linear_takes_bf16_gemm_only_where_bf16_is_native(kernels, monkeypatch, native):
+    """accel.long_linear: torch's bf16 GEMM for bf16 x and w where the CPU multiplies bf16 natively,
+    else fp32 (x and w widened exactly, the result rounded to x's dtype); an fp32 weight (a decoded int4
+    one) always takes fp32. And a long MXFP4 forward gives exactly the long forward of its decoded weight."""
+    import accel
+
+    monkeypatch.setattr(kernels, "native_bf16", lambda: native)
+    x = torch.randn(80, 96, generator=gen(3)).to(torch.bfloat16)
+    w = torch.randn(40, 96, generator=gen(4)).to(torch.bfloat16)
+    wide = F.linear(x.float(), w.float()).to(torch.bfloat16)
+    assert torch.equal(accel.long_linear(x, w), F.linear(x, w) if native else wide)
+    assert torch.equal(accel.long_linear(x, w.float()), wide)
+    lin = torch.nn.Linear(96, 40, bias=False)
+    lin.weight.data = w.float()
+    q = accel.FastMXFP4Linear.from_linear(lin)
+    decoded = kernels.mxfp4_weight_f32(q.codes, q.scales)
+    expect = (
+        F.linear(x, decoded.to(torch.bfloat16)) if native else F.linear(x.float(), decoded).to(torch.bfloat16)
+    )
+    with torch.no_grad():
+        assert torch.equal(q(x), expect)
+
+
 @pytest.mark.slow
-def test_smollm2_long_prompt_prefill_takes_the_fp32_gemm_and_stays_identical(kernels, smollm2, monkeypatch):
-    """A prompt longer than accel.LONG_FORWARD is prefilled through accel.long_linear (torch's fp32
-    GEMM; FastBlock steps aside), not the M-invariant kernels, and greedy speculation still returns
+def test_smollm2_long_prompt_prefill_takes_torchs_gemm_and_stays_identical(kernels, smollm2, monkeypatch):
+    """A prompt longer than accel.LONG_FORWARD is prefilled through accel.long_linear (torch's GEMM, in
+    bf16 or fp32; FastBlock steps aside), not the M-invariant kernels, and greedy speculation still returns
     plain decoding's tokens bit for bit: both prefill the prompt but its last token the same way."""
     import accel
     from checkpoint import build_model
@@ -601,6 +628,6 @@ def test_smollm2_long_prompt_prefill_takes_the_fp32_gemm_and_stays_identical(ker
     long_linear = accel.long_linear
     monkeypatch.setattr(accel, "long_linear", lambda x, w: rows.append(x.shape[-2]) or long_linear(x, w))
     plain, _ = autoregressive_decode(levels[0], prompt, 24)
-    assert rows and set(rows) == {prompt.numel() - 1}  # the prefill went to the fp32 GEMM, nothing else
+    assert rows and set(rows) == {prompt.numel() - 1}  # the prefill went to torch's GEMM, nothing else
     fast, _ = speculative_decode(levels, prompt, 24, k=[3])
     assert fast.tolist() == plain.tolist()

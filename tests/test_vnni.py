@@ -332,3 +332,35 @@ def test_option_falls_back_without_vnni(monkeypatch):
     x = torch.randn(2, 128).bfloat16()
     with torch.no_grad():
         assert torch.equal(twin(x), cpu_kernels.mxfp4_linear(x, twin.codes, twin.scales))
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "int4"])
+def test_auto_turns_int8_on_where_it_measures_faster(kernels, fmt, monkeypatch):
+    """int8_activations="auto" sets every 4-bit twin to accel.int8_pays' verdict, which follows the
+    timed passes (faked here both ways), is remembered per shapes and threads, and is False without
+    VNNI; anything but True, False or "auto" is an error."""
+    import time
+
+    import accel
+
+    model = small_model(fmt)
+    twins = lambda: [
+        m for m in model.modules() if isinstance(m, accel.FastMXFP4Linear | accel.FastInt4Linear)
+    ]
+    slow = cpu_kernels.mxfp4_linear_i8 if fmt == "mxfp4" else cpu_kernels.int4_linear_i8
+    for int8_slower in (True, False):
+        monkeypatch.setattr(accel, "_INT8_PAYS", {})
+        victim = (
+            slow if int8_slower else (cpu_kernels.mxfp4_linear if fmt == "mxfp4" else cpu_kernels.int4_linear)
+        )
+        name = victim.__name__
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, _f=victim: (time.sleep(0.002), _f(*a))[1])
+        accel.accelerate(model, int8_activations="auto")
+        assert twins() and all(m.int8_activations is not int8_slower for m in twins())
+        assert list(accel._INT8_PAYS.values()) == [not int8_slower]
+        monkeypatch.setattr(cpu_kernels, name, victim)
+        assert accel.int8_pays(model) is not int8_slower  # remembered, not measured again
+    monkeypatch.setattr(cpu_kernels, "vnni_available", lambda: False)
+    assert accel.int8_pays(model) is False
+    with pytest.raises(ValueError, match="auto"):
+        accel.accelerate(model, int8_activations="yes")

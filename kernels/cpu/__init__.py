@@ -287,6 +287,20 @@ def int4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> t
     return (_EXT or _require()).int4_linear(x, codes, scales)
 
 
+_NATIVE_BF16: bool | None = None
+
+
+def native_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively (it reports AVX512-BF16): there torch's bf16 GEMM
+    (oneDNN's: fp32 sums of exact products) beats widening to fp32 for long forwards (accel.long_linear);
+    without it torch emulates bf16 and is the slower of the two. Answered once."""
+    global _NATIVE_BF16
+    if _NATIVE_BF16 is None:
+        ext = _EXT if _TRIED else _ensure()
+        _NATIVE_BF16 = ext is not None and bool(ext.cpu_has_avx512_bf16())
+    return _NATIVE_BF16
+
+
 _VNNI: bool | None = None
 
 

@@ -401,11 +401,24 @@ def markdown_table(header: list[str], rows: list[list], right: str | None = None
     return "\n".join(lines)
 
 
+def cpu_name() -> str:
+    """The CPU as /proc/cpuinfo names it, with its family and model numbers (a machine's kind changes
+    what is fast: records say which one they were measured on); platform's guess elsewhere."""
+    try:
+        info = dict(
+            line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()[:30] if ":" in line
+        )
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        return f"{info['model name']} (family {info['cpu family']}, model {info['model']})"
+    except (OSError, KeyError, ValueError):
+        return platform.processor() or platform.machine()
+
+
 def environment(device=None) -> dict:
     """The machine a record was measured on."""
     device = torch.device(device or "cpu")
     return dict(
-        machine=platform.node(), processor=platform.processor() or platform.machine(), cpus=os.cpu_count(),
+        machine=platform.node(), processor=cpu_name(), cpus=os.cpu_count(),
         torch=torch.__version__, threads=torch.get_num_threads(), device=str(device),
         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         loadavg=os.getloadavg() if hasattr(os, "getloadavg") else None,

@@ -154,7 +154,8 @@ def main(argv=None):
     head = (
         f"Model: {model_name}, {device}, {str(dtype)[6:]}, {len(prompts)} prompts "
         f"({a.prompts or 'data/prompts'}), {a.max_new_tokens} new tokens, {a.repeats} repeat(s), "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, kernels {kernels}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads on {bench_lib.cpu_name()}, "
+        f"kernels {kernels}, "
         f"target weights: {a.target_quant if a.target_quant != 'none' else 'as loaded'}; trees: {tree.nodes} "
         f"nodes, top-{tree.topk}, depth = the level's k (acceptance then counts accepted / depth)."
     )

@@ -17,7 +17,6 @@ bf16 target with that stack of drafts (levels.parse_levels; fixed k), exact like
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -170,7 +169,7 @@ def main(argv=None):
             r["vs_llama_cpp_q4_1"] = r["tokens_per_s"] / q41
     md = (
         f"SmolLM2-135M-Instruct, greedy, {len(prompts)} prompts x {n} new tokens, batch 1, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.processor() or 'CPU'}\n\n"
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {bench_lib.cpu_name()}\n\n"
     ) + bench_lib.markdown_table(
         ["implementation", "tokens/s (prefill included)", "decode ms/token", "vs transformers fp32"]
         + (["vs llama.cpp Q4_1"] if q41 else []),

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -50,6 +49,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 import accel
+import bench_lib
 import levels as levels_lib
 from checkpoint import load_model
 from kernels import cpu as cpu_kernels
@@ -214,7 +214,7 @@ def main(argv=None) -> dict:
         "threads": torch.get_num_threads(),
         "load_average_before": load_before,
         "load_average_after": load_after,
-        "machine": platform.processor() or platform.machine(),
+        "machine": bench_lib.cpu_name(),
         "torch": torch.__version__,
         "kernels": cpu_kernels.info(),
         "results": results,

@@ -42,8 +42,9 @@ accumulated in fp32. No autograd (call them under torch.no_grad() or inference_m
                 exact fp32 FMAs on the bf16 values (bf16 -> fp32 is a shift), odd element then even
                 element of each pair: the order of vdpbf16ps, which the optional vdpbf16ps kernel
                 (SPECQD_CPU_BF16_DOT) uses, so both give the same bits except that vdpbf16ps treats
-                subnormal inputs and results as zero. vdpbf16ps is not the default because it was no
-                faster at M = 1 and 1.4x slower at M = 8..16 on the Xeon we measured.
+                subnormal inputs and results as zero. vdpbf16ps was no faster at M = 1 and 1.4x
+                slower at M = 8..16 on a Xeon we measured, 1.2-1.4x faster at M = 1..8 on a Zen 5:
+                by default the kernel is chosen by timing both once, at load.
 
 Bit-identical across M: for any output y[m, n] the same floating-point operations run in the same
 order whether x has 1 row or 16 (or 100), and whatever the number of threads (the work is split over
@@ -68,9 +69,11 @@ not x86-64 with AVX-512 (F, BW, DQ, VL), or SPECQD_NO_CPU_KERNELS=1 is set, avai
 
 Environment (read once, when the extension is first loaded):
   SPECQD_NO_CPU_KERNELS=1   never build or use the kernels.
-  SPECQD_CPU_BF16_DOT=1     bf16_linear uses vdpbf16ps when the CPU reports avx512_bf16.
+  SPECQD_CPU_BF16_DOT=auto  (or unset) bf16_linear uses vdpbf16ps where the CPU reports avx512_bf16
+                            and it times faster there at load (_bf16_dot_pays), else the FMA kernel.
+  SPECQD_CPU_BF16_DOT=1     ... vdpbf16ps whenever the CPU reports avx512_bf16; 0: never.
   SPECQD_CPU_BF16_DOT=force ... even when it does not (a hypervisor can hide the feature; testing
-                            only: SIGILL on hardware without it). Unset or 0: the FMA kernel.
+                            only: SIGILL on hardware without it).
 
 This package imports nothing of the project's.
 """
@@ -82,6 +85,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -193,9 +197,37 @@ def _load():
     if not ext.cpu_has_avx512():
         _REASON = "the CPU lacks AVX-512 (F, BW, DQ, VL)"
         return None
-    ext.set_bf16_dot_mode({"1": 1, "force": 2}.get(os.environ.get("SPECQD_CPU_BF16_DOT", ""), 0))
+    choice = os.environ.get("SPECQD_CPU_BF16_DOT", "auto")
+    if choice in ("", "auto"):
+        ext.set_bf16_dot_mode(1 if ext.cpu_has_avx512_bf16() and _bf16_dot_pays(ext) else 0)
+    else:
+        ext.set_bf16_dot_mode({"1": 1, "force": 2}.get(choice, 0))
     _register_fakes()
     return ext
+
+
+def _bf16_dot_pays(ext, rows=(1, 2), repeats=3) -> bool:
+    """Whether vdpbf16ps makes bf16_linear faster here, timed before any other call (the mode is set
+    once: the two kernels differ only on subnormals, but a run should not mix them): 106 MB of bf16
+    weight in SmolLM2's MLP shape (more than a last-level cache, so read from memory as a decode step
+    reads it) against one row and two (a step and a k = 1 verification), each kernel in turn, best of
+    `repeats`, the row counts' times summed. It was faster on a 2-core Zen 5 (M = 1: 5.4 vs 6.6 ms
+    for 212 MB, and even at M = 5), not on a Xeon we measured (no faster at M = 1, 1.4x slower at
+    M = 8). About 0.1 s, once per process."""
+    ws = [torch.full((1536, 576), 1.0, dtype=torch.bfloat16) for _ in range(60)]
+    best = {}
+    for m in rows:
+        x = torch.full((m, 576), 0.5, dtype=torch.bfloat16)
+        for i in range(repeats + 1):  # the first pass of each warms up, untimed
+            for mode in (0, 1):
+                ext.set_bf16_dot_mode(mode)
+                t0 = time.perf_counter()
+                for w in ws:
+                    ext.bf16_linear(x, w)
+                if i:
+                    best[m, mode] = min(best.get((m, mode), float("inf")), time.perf_counter() - t0)
+    ext.set_bf16_dot_mode(0)
+    return sum(best[m, 1] for m in rows) < sum(best[m, 0] for m in rows)
 
 
 def _register_fakes():

@@ -582,7 +582,8 @@ def int8_pays(model: nn.Module, repeats: int = 5) -> bool:
     calls = [(m.codes, m.scales, m.in_features, isinstance(m, mxfp4.MXFP4Linear)) for m in layers]
     key = (tuple((mx, *c.shape, *sc.shape) for c, sc, _, mx in calls), torch.get_num_threads())
     if key not in _INT8_PAYS:
-        xs = {k: torch.randn(1, k).to(torch.bfloat16) for _, _, k, _ in calls}
+        g = torch.Generator().manual_seed(0)  # not torch's global generator: sampling may rely on it
+        xs = {k: torch.randn(1, k, generator=g).to(torch.bfloat16) for _, _, k, _ in calls}
         kernels = {
             False: (cpu_kernels.mxfp4_linear, cpu_kernels.int4_linear),
             True: (cpu_kernels.mxfp4_linear_i8, cpu_kernels.int4_linear_i8),

@@ -43,7 +43,7 @@ accumulated in fp32. No autograd (call them under torch.no_grad() or inference_m
                 element of each pair: the order of vdpbf16ps, which the optional vdpbf16ps kernel
                 (SPECQD_CPU_BF16_DOT) uses, so both give the same bits except that vdpbf16ps treats
                 subnormal inputs and results as zero. vdpbf16ps was no faster at M = 1 and 1.4x
-                slower at M = 8..16 on a Xeon we measured, 1.2-1.4x faster at M = 1..8 on a Zen 5:
+                slower at M = 8..16 on a Xeon we measured, 1.0-1.4x faster at M = 1..8 on a Zen 5:
                 by default the kernel is chosen by timing both once, at load.
 
 Bit-identical across M: for any output y[m, n] the same floating-point operations run in the same

@@ -361,6 +361,26 @@ torch.save(out, OUT)
         assert torch.equal(y_all, kernels.bf16_linear(x, w)), (n, k)
 
 
+def test_copy_slots_copies_exactly_those_slots(kernels):
+    """copy_slots: dst[:, :, start:end] = src[:, :, start:end] for every pair (bf16 and fp32, caches of
+    different lengths), nothing else touched; bad shapes and ranges are errors, not memory faults."""
+    g = gen(5)
+    src = [torch.randn(2, 3, 40, 16, generator=g).to(dt) for dt in (torch.bfloat16, torch.float32)]
+    dst = [torch.zeros(2, 3, 24, 16, dtype=t.dtype) for t in src]
+    for start, end in [(0, 1), (5, 17), (23, 24), (7, 7)]:
+        want = [d.clone() for d in dst]
+        for w, t in zip(want, src):
+            w[:, :, start:end] = t[:, :, start:end]
+        kernels.copy_slots(dst, src, start, end)
+        assert all(torch.equal(d, w) for d, w in zip(dst, want))
+    with pytest.raises(RuntimeError, match="outside"):
+        kernels.copy_slots(dst, src, 20, 25)
+    with pytest.raises(RuntimeError, match="alike"):
+        kernels.copy_slots([torch.zeros(2, 4, 24, 16)], [src[1]], 0, 1)
+    with pytest.raises(RuntimeError, match="destinations"):
+        kernels.copy_slots(dst, src[:1], 0, 1)
+
+
 # --- the rest of the decode step: attention over the cache, RMSNorm, RoPE -------------------------
 
 

@@ -93,6 +93,7 @@ import torch
 
 __all__ = [
     "available",
+    "loaded",
     "unavailable_reason",
     "mxfp4_linear",
     "int4_linear",
@@ -104,6 +105,7 @@ __all__ = [
     "int4_weight_f32",
     "block",
     "blocks",
+    "copy_slots",
     "attention",
     "rms_norm",
     "rope",
@@ -286,6 +288,12 @@ def available() -> bool:
     return (_EXT if _TRIED else _ensure()) is not None
 
 
+def loaded() -> bool:
+    """Whether something has already built or loaded the kernels (never builds them): for helpers that
+    should not bring C++ into a run that asked for none (--no-kernels)."""
+    return _EXT is not None
+
+
 def unavailable_reason() -> str | None:
     """Why available() is False (None when it is True)."""
     _ensure()
@@ -442,6 +450,12 @@ def blocks(x, weights, kinds, k_caches, v_caches, input_pos, freqs, mask, n_head
         x, weights, kinds, k_caches, v_caches, input_pos, freqs, mask, n_head, n_kv_head, head_dim, eps,
         head_dim**-0.5,
     )  # fmt: skip
+
+
+def copy_slots(dst: list, src: list, start: int, end: int) -> None:
+    """dst[i][:, :, start:end] = src[i][:, :, start:end] for every pair of contiguous CPU caches
+    [B, H, S, D] of one dtype, alike but for S, in one call (block.cpp)."""
+    (_EXT or _require()).copy_slots(dst, src, start, end)
 
 
 def info() -> dict:

@@ -22,7 +22,9 @@ at::Tensor block(const at::Tensor& x, const std::vector<at::Tensor>& w, const st
 at::Tensor blocks(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<int64_t>& kinds,
                   const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
                   const at::Tensor& input_pos, const at::Tensor& freqs, const at::Tensor& mask, int64_t n_head,
-                  int64_t n_kv, int64_t head_dim, double eps, double scale);  // block.cpp
+                  int64_t n_kv, int64_t head_dim, double eps, double scale);
+void copy_slots(const std::vector<at::Tensor>& dst, const std::vector<at::Tensor>& src, int64_t start,
+                int64_t end);  // block.cpp
 
 namespace {
 
@@ -415,6 +417,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope", &rope, "model.py's apply_rope in one call", py::arg("x"), py::arg("freqs"));
   m.def("block", &block, "model.py's TransformerBlock (cached path) in one call");
   m.def("blocks", &blocks, "every TransformerBlock of a model (cached path) in one call");
+  m.def("copy_slots", &copy_slots, "cache slots [start, end) of every src into dst", py::arg("dst"), py::arg("src"),
+        py::arg("start"), py::arg("end"));
   m.def("cpu_has_avx512", &cpu_has_avx512);
   m.def("cpu_has_avx512_bf16", &cpu_has_avx512_bf16);
   m.def("cpu_has_avx512_vnni", &cpu_has_avx512_vnni);

@@ -27,7 +27,6 @@ import ast
 import hashlib
 import inspect
 import textwrap
-import time
 from dataclasses import dataclass, field
 from operator import is_
 
@@ -67,12 +66,17 @@ def _rows(x: Tensor) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
+def _bf16_gemm(x: Tensor) -> bool:
+    """Whether a long forward of x runs torch's GEMM in bf16 (long_linear)."""
+    return x.dtype == torch.bfloat16 and cpu_kernels.native_bf16()
+
+
 def long_linear(x: Tensor, w: Tensor) -> Tensor:
     """x @ w.T for a long forward by torch's GEMM: in bf16 where both are bf16 and the CPU multiplies
     bf16 natively (cpu_kernels.native_bf16), else both widened to fp32 (exactly; a 4-bit weight decoded
     by the kernels first) and the result rounded back to x's dtype. Either way the maths of our kernels
     (fp32 sums of exact products, one rounding to x's dtype), summed in another order."""
-    if x.dtype == w.dtype == torch.bfloat16 and cpu_kernels.native_bf16():
+    if w.dtype == torch.bfloat16 and _bf16_gemm(x):
         return F.linear(x, w)
     return F.linear(x.float(), w.float()).to(x.dtype)
 
@@ -122,7 +126,7 @@ class FastMXFP4Linear(mxfp4.MXFP4Linear):
             y = y.view(*x.shape[:-1], self.out_features)
         elif cpu_kernels.usable(x) and _rows(x) > LONG_FORWARD and not self._int8():
             w = cpu_kernels.mxfp4_weight_f32(self.codes, self.scales)
-            if x.dtype == torch.bfloat16 and cpu_kernels.native_bf16():
+            if _bf16_gemm(x):
                 w = w.to(torch.bfloat16)  # exact: an E2M1 value times a power of two fits in bf16
             y = long_linear(x, w)
         elif cpu_kernels.usable(x):
@@ -588,15 +592,14 @@ def int8_pays(model: nn.Module, repeats: int = 5) -> bool:
             False: (cpu_kernels.mxfp4_linear, cpu_kernels.int4_linear),
             True: (cpu_kernels.mxfp4_linear_i8, cpu_kernels.int4_linear_i8),
         }
-        best = {False: float("inf"), True: float("inf")}
+
+        def run(int8):
+            mx_f, int4_f = kernels[int8]
+            for codes, scales, k, mx in calls:
+                (mx_f if mx else int4_f)(xs[k], codes, scales)
+
         with torch.no_grad():
-            for i in range(repeats + 1):  # the first pass of each warms up, untimed
-                for int8, (mx_f, int4_f) in kernels.items():
-                    t0 = time.perf_counter()
-                    for codes, scales, k, mx in calls:
-                        (mx_f if mx else int4_f)(xs[k], codes, scales)
-                    if i:
-                        best[int8] = min(best[int8], time.perf_counter() - t0)
+            best = cpu_kernels.best_times({int8: lambda int8=int8: run(int8) for int8 in kernels}, repeats)
         _INT8_PAYS[key] = best[True] < best[False]
     return _INT8_PAYS[key]
 

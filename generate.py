@@ -137,7 +137,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--int8-drafts",
         action=argparse.BooleanOptionalAction,
-        default=None,
+        default="auto",
         help="MXFP4/int4 drafts round their inputs to int8 (AVX512-VNNI CPUs): same output, faster on some "
         "CPUs (default: where it measures faster here)",
     )
@@ -221,8 +221,7 @@ def main(argv=None):
     try:
         levels = build_levels(
             model, tokenizer, args.drafts, device, dtype, args.quantize_head, args.compile, args.target_quant,
-            kernels=args.kernels, int8_drafts="auto" if args.int8_drafts is None else args.int8_drafts,
-            int8_target=args.int8_target,
+            kernels=args.kernels, int8_drafts=args.int8_drafts, int8_target=args.int8_target,
         )  # fmt: skip
         if rank is not None:
             shard_levels(levels, args.drafts)

@@ -74,6 +74,7 @@ class ModelLevel:
         self.device = model.tok_embeddings.weight.device
         self.max_seq_length = 0
         self.keep_features, self.features = False, None
+        self._caches, self._kv = [], None  # set by reset
 
     def reset(self, max_seq_length: int):
         """Fresh cache for a new sequence. Reallocates only when it must grow, so that captured CUDA
@@ -90,6 +91,9 @@ class ModelLevel:
             self.features = torch.zeros(self.max_seq_length, dim, dtype=dtype, device=self.device)
         # The modules holding caches, for move_kv (walking the whole model per tree round cost ~2 ms).
         self._caches = [m for m in self.model.modules() if hasattr(m, "k_cache") and hasattr(m, "v_cache")]
+        # ... and their tensors in one list, for copy_kv's one call (None: copy_slots cannot take them)
+        kv = [c for m in self._caches for c in (m.k_cache, m.v_cache)]
+        self._kv = kv if self.device.type == "cpu" and all(c.is_contiguous() for c in kv) else None
 
     def _run(self, args: tuple, start_pos: int | None = None, last: int | None = None) -> Tensor:
         """The model on args (tokens [1, T] first, cache slots second), compiled or eager: float32
@@ -162,16 +166,15 @@ class ModelLevel:
         them all for one torch._foreach_copy_ still ~0.4 ms, so on the CPU our kernels copy the rows
         (cpu_kernels.copy_slots) where they are loaded. The hidden states of those positions too, where
         a feature head reads them."""
-        mine = [c for m in self._caches for c in (m.k_cache, m.v_cache)]
-        theirs = [c for o in other._caches for c in (o.k_cache, o.v_cache)]
-        if (
-            self.device.type == "cpu"
-            and cpu_kernels.loaded()
-            and all(c.is_contiguous() for c in mine + theirs)
-        ):
-            cpu_kernels.copy_slots(mine, theirs, start, end)
+        if self._kv is not None and getattr(other, "_kv", None) is not None and cpu_kernels.loaded():
+            cpu_kernels.copy_slots(self._kv, other._kv, start, end)
         else:
-            torch._foreach_copy_([c[:, :, start:end] for c in mine], [c[:, :, start:end] for c in theirs])
+            pairs = [
+                (c[:, :, start:end], d[:, :, start:end])
+                for m, o in zip(self._caches, other._caches)
+                for c, d in ((m.k_cache, o.k_cache), (m.v_cache, o.v_cache))
+            ]
+            torch._foreach_copy_([c for c, _ in pairs], [d for _, d in pairs])
         if self.features is not None:
             self.features[start:end] = other.features[start:end]
 

@@ -208,28 +208,40 @@ def _load():
     return ext
 
 
+def best_times(runs: dict, repeats: int) -> dict:
+    """{key: the best of `repeats` timings of runs[key]()}, the runs taking turns after one untimed
+    warm-up each, so that a change of load hits all of them alike. For choosing a kernel by timing
+    (_bf16_dot_pays here, accel.int8_pays)."""
+    best = dict.fromkeys(runs, float("inf"))
+    for i in range(repeats + 1):
+        for key, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            if i:
+                best[key] = min(best[key], time.perf_counter() - t0)
+    return best
+
+
 def _bf16_dot_pays(ext, rows=(1, 2), repeats=3) -> bool:
     """Whether vdpbf16ps makes bf16_linear faster here, timed before any other call (the mode is set
     once: the two kernels differ only on subnormals, but a run should not mix them): 106 MB of bf16
     weight in SmolLM2's MLP shape (more than a last-level cache, so read from memory as a decode step
     reads it) against one row and two (a step and a k = 1 verification), each kernel in turn, best of
-    `repeats`, the row counts' times summed. It was faster on a 2-core Zen 5 (M = 1: 5.4 vs 6.6 ms
-    for 212 MB, and even at M = 5), not on a Xeon we measured (no faster at M = 1, 1.4x slower at
-    M = 8). About 0.1 s, once per process."""
+    `repeats`. It was faster on a 2-core Zen 5 (M = 1: 5.4 vs 6.6 ms for 212 MB, and even at M = 5),
+    not on a Xeon we measured (no faster at M = 1, 1.4x slower at M = 8). About 0.1 s, once per
+    process."""
     ws = [torch.full((1536, 576), 1.0, dtype=torch.bfloat16) for _ in range(60)]
-    best = {}
-    for m in rows:
-        x = torch.full((m, 576), 0.5, dtype=torch.bfloat16)
-        for i in range(repeats + 1):  # the first pass of each warms up, untimed
-            for mode in (0, 1):
-                ext.set_bf16_dot_mode(mode)
-                t0 = time.perf_counter()
-                for w in ws:
-                    ext.bf16_linear(x, w)
-                if i:
-                    best[m, mode] = min(best.get((m, mode), float("inf")), time.perf_counter() - t0)
+    xs = [torch.full((m, 576), 0.5, dtype=torch.bfloat16) for m in rows]
+
+    def run(mode):
+        ext.set_bf16_dot_mode(mode)
+        for x in xs:
+            for w in ws:
+                ext.bf16_linear(x, w)
+
+    best = best_times({mode: lambda mode=mode: run(mode) for mode in (0, 1)}, repeats)
     ext.set_bf16_dot_mode(0)
-    return sum(best[m, 1] for m in rows) < sum(best[m, 0] for m in rows)
+    return best[1] < best[0]
 
 
 def _register_fakes():

@@ -284,14 +284,24 @@ AVX512 void mxfp4_rows_mr(const float* xp, int64_t K, const uint8_t* codes, cons
 // their order and hsum16 are MXFP4's too, so the same argument gives bit-identical results across M.
 // Measured against mxfp4_tile (one thread, weights in L2, a 2-core Xeon VM, model 167): the same time at
 // K = 1536 (groups of 128) for M = 1..16; ~9% slower at M = 1 and 2-6% at M = 4..16 for K = 576 with
-// groups of 64, where the table is rebuilt every 2 blocks. (Converting each scale as its group starts,
-// a broadcast through port 5 like the decode's shuffles, cost 17% there.)
+// groups of 64, where the table is rebuilt every 2 blocks. (There, converting 16 scales at once and
+// reading them back from the stack was 17% faster than converting each as its group starts; on a Zen 5
+// it was 1.5x slower, see int4_tile, and the per-group conversion is what we keep.)
 
 // 16 bf16 or fp16 scales as fp32: bf16 bits are the top half of an fp32; fp16 by vcvtph2ps (exact, also
 // for subnormal scales).
 AVX512_INLINE __m512 scales_to_fp32(__m256i s, bool f16) {
   if (f16) return _mm512_cvtph_ps(s);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(s), 16));
+}
+
+// One bf16 or fp16 scale (its bits) as fp32, exactly.
+AVX512_INLINE float scale_to_fp32(uint16_t bits, bool f16) {
+  if (f16) return _mm512_cvtss_f32(_mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(bits))));
+  const uint32_t u = uint32_t{bits} << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
 }
 
 // Outputs y[0..MR-1, n + r * step] for r = 0..NR-1, as mxfp4_tile; `group` elements of K per scale.
@@ -313,19 +323,14 @@ AVX512 void int4_tile(const float* xp, int64_t K, int64_t group, const uint8_t* 
 #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
 
-  // The scales of 16 groups of each row, converted to fp32 at once: the table of a group then costs one
-  // broadcast load and one multiply, no shuffle (port 5 is busy with the decode's).
-  alignas(64) float scale16[NR][16];
   for (int64_t g = 0; g < ngroups; ++g) {
-    if ((g & 15) == 0) {
-      const __mmask16 valid = first_lanes16(ngroups - g);
+    // This group's 16 values of each weight row: its scale, read and converted as a scalar, times -8..7.
+    // (Converting 16 groups' scales at once into a stack array and reading them back one by one was
+    // 1.5x slower over a SmolLM2 step's weights on a Zen 5, though no slower from L2: likely a 4-byte
+    // load from a 64-byte store still in flight, which must wait for it, every 16 groups.)
+    __m512 lut[NR];
 #pragma GCC unroll 16
-      for (int r = 0; r < NR; ++r)
-        _mm512_store_ps(scale16[r], scales_to_fp32(_mm256_maskz_loadu_epi16(valid, s[r] + g), f16));
-    }
-    __m512 lut[NR];  // this group's 16 values of each weight row
-#pragma GCC unroll 16
-    for (int r = 0; r < NR; ++r) lut[r] = _mm512_mul_ps(q_values, _mm512_set1_ps(scale16[r][g & 15]));
+    for (int r = 0; r < NR; ++r) lut[r] = _mm512_mul_ps(q_values, _mm512_set1_ps(scale_to_fp32(s[r][g], f16)));
     for (int64_t j = g * blocks_per_group; j < (g + 1) * blocks_per_group; ++j) {
       __m512 w_even[NR], w_odd[NR];
       if ((j & 3) == 0) {  // one cache line of codes per row every 4 blocks, as for MXFP4

@@ -76,9 +76,10 @@ def long_linear(x: Tensor, w: Tensor) -> Tensor:
     bf16 natively (cpu_kernels.native_bf16), else both widened to fp32 (exactly; a 4-bit weight decoded
     by the kernels first) and the result rounded back to x's dtype. Either way the maths of our kernels
     (fp32 sums of exact products, one rounding to x's dtype), summed in another order."""
-    if w.dtype == torch.bfloat16 and _bf16_gemm(x):
-        return F.linear(x, w)
-    return F.linear(x.float(), w.float()).to(x.dtype)
+    with cpu_kernels.all_threads():  # during decoding ATen has one thread (cpu_kernels.serial_aten)
+        if w.dtype == torch.bfloat16 and _bf16_gemm(x):
+            return F.linear(x, w)
+        return F.linear(x.float(), w.float()).to(x.dtype)
 
 
 def _no_grad_wanted(x: Tensor, *params: Tensor) -> bool:

@@ -274,30 +274,32 @@ def autoregressive_decode(
             return sampling.greedy(logits)
         return sampling.sample(sampling.probs(logits, temperature, top_k, top_p), generator)
 
-    sync(level.device)
-    t0 = time.perf_counter()
-    level.reset(prompt.numel() + max_new_tokens)
-    # The prompt but its last token in one forward, then that token alone: as speculative decoding
-    # feeds it (its prefill stops one short, and the first round's forward starts with it). A long
-    # prefill may take another GEMM than short forwards do (accel.LONG_FORWARD), and this way the
-    # cache holds the same bits in both, so greedy speculation returns these tokens bit for bit.
-    if prompt.numel() > 1:
-        level.forward(prompt[:-1], 0, last=1)
-    tok = pick(level.forward(prompt[-1:], prompt.numel() - 1)[-1])
-    out = []
-    pos = prompt.numel()
-    while True:
-        out.append(int(tok))  # the host needs each token anyway: to stream it and to stop at EOS
-        if len(out) == 1:
-            stats.time_to_first_token = time.perf_counter() - t0
-        if on_token is not None:
-            on_token(out)
-        if out[-1] in stop or len(out) == max_new_tokens:
-            break
-        tok = pick(level.forward(tok.view(1), pos)[-1])
-        pos += 1
-    sync(level.device)
-    stats.total_time = time.perf_counter() - t0
+    # On the CPU, ATen's own small ops run on one thread meanwhile (cpu_kernels.serial_aten says why).
+    with cpu_kernels.serial_aten(level.device):
+        sync(level.device)
+        t0 = time.perf_counter()
+        level.reset(prompt.numel() + max_new_tokens)
+        # The prompt but its last token in one forward, then that token alone: as speculative decoding
+        # feeds it (its prefill stops one short, and the first round's forward starts with it). A long
+        # prefill may take another GEMM than short forwards do (accel.LONG_FORWARD), and this way the
+        # cache holds the same bits in both, so greedy speculation returns these tokens bit for bit.
+        if prompt.numel() > 1:
+            level.forward(prompt[:-1], 0, last=1)
+        tok = pick(level.forward(prompt[-1:], prompt.numel() - 1)[-1])
+        out = []
+        pos = prompt.numel()
+        while True:
+            out.append(int(tok))  # the host needs each token anyway: to stream it and to stop at EOS
+            if len(out) == 1:
+                stats.time_to_first_token = time.perf_counter() - t0
+            if on_token is not None:
+                on_token(out)
+            if out[-1] in stop or len(out) == max_new_tokens:
+                break
+            tok = pick(level.forward(tok.view(1), pos)[-1])
+            pos += 1
+        sync(level.device)
+        stats.total_time = time.perf_counter() - t0
     stats.new_tokens = len(out)
     return torch.tensor(out, dtype=torch.long), stats
 
@@ -527,46 +529,48 @@ class Speculation:
         limit = P + max_new_tokens
         stats = SpecStats(prompt_tokens=P, levels=self.stats)
 
-        sync(self.device)
-        t0 = time.perf_counter()
-        self.buf = torch.zeros(limit, dtype=torch.long, device=self.device)
-        self.buf[:P] = prompt
-        self.origin = [-1] * P
-        self.seen = [0] * len(self.levels)
-        self.lends = [False] * len(self.levels)
-        if self.share_kv:
-            for i in range(1, len(self.levels)):
-                if hasattr(self.levels[i], "share_features"):
-                    self.levels[i].share_features(self.levels[i - 1])
-        for i, level in enumerate(self.levels):
-            level.reset(self._cache_size(i, limit))
-            self.lends[i] = self.share_kv and i > 0 and _shares_kv(level, self.levels[i - 1])
-            if P < 2 or is_proposer(level):
-                continue
-            # Prefill: every level sees the prompt but its last token (a level sharing its verifier's
-            # keys and values copies them instead).
-            if not self.catch_up(i, P - 1):
-                self.logits(i, P - 2, P - 1)
-        self.policy.start(self)
+        # On the CPU, ATen's own small ops run on one thread meanwhile (cpu_kernels.serial_aten says why).
+        with cpu_kernels.serial_aten(self.device):
+            sync(self.device)
+            t0 = time.perf_counter()
+            self.buf = torch.zeros(limit, dtype=torch.long, device=self.device)
+            self.buf[:P] = prompt
+            self.origin = [-1] * P
+            self.seen = [0] * len(self.levels)
+            self.lends = [False] * len(self.levels)
+            if self.share_kv:
+                for i in range(1, len(self.levels)):
+                    if hasattr(self.levels[i], "share_features"):
+                        self.levels[i].share_features(self.levels[i - 1])
+            for i, level in enumerate(self.levels):
+                level.reset(self._cache_size(i, limit))
+                self.lends[i] = self.share_kv and i > 0 and _shares_kv(level, self.levels[i - 1])
+                if P < 2 or is_proposer(level):
+                    continue
+                # Prefill: every level sees the prompt but its last token (a level sharing its verifier's
+                # keys and values copies them instead).
+                if not self.catch_up(i, P - 1):
+                    self.logits(i, P - 2, P - 1)
+            self.policy.start(self)
 
-        out, L = [], P
-        while len(out) < max_new_tokens:
-            m = min(self.k[1], limit - L - 1) if len(self.levels) > 1 else 0
-            a, _ = self.round(0, L, m)
-            new = self.buf[L : L + a + 1].tolist()
-            L += a + 1
-            if not out:
-                stats.time_to_first_token = time.perf_counter() - t0
-            for t in new:
-                out.append(t)
-                if t in stop:
+            out, L = [], P
+            while len(out) < max_new_tokens:
+                m = min(self.k[1], limit - L - 1) if len(self.levels) > 1 else 0
+                a, _ = self.round(0, L, m)
+                new = self.buf[L : L + a + 1].tolist()
+                L += a + 1
+                if not out:
+                    stats.time_to_first_token = time.perf_counter() - t0
+                for t in new:
+                    out.append(t)
+                    if t in stop:
+                        break
+                if on_token is not None:
+                    on_token(out)
+                if out[-1] in stop:
                     break
-            if on_token is not None:
-                on_token(out)
-            if out[-1] in stop:
-                break
-        sync(self.device)
-        stats.total_time = time.perf_counter() - t0
+            sync(self.device)
+            stats.total_time = time.perf_counter() - t0
         stats.new_tokens = len(out)
         stats.origin = self.origin[P : P + len(out)]
         stats.trace = self.trace

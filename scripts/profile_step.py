@@ -11,7 +11,8 @@ output rows), it reports the rows below; with
 --int8-activations also "mxfp4+i8" and "int4+i8", the same casts with accelerate(...,
 int8_activations=True), measured in the same rounds as the exact ones (a before/after under one load):
   step ms      the median time of a one-token ModelLevel.forward (the fused blocks, the head and the
-               float32 logits: what a draft or a plain decoding step costs), after a prefill of
+               float32 logits: what a draft or a plain decoding step costs; inside
+               cpu_kernels.serial_aten, as the decoding loops run it), after a prefill of
                --prefill tokens; every repeat writes the same position, so the attention span is fixed.
   linears ms   the same step's linears alone: every linear of the model (30 x wqkv, wo, w1, w3, w2 and
                the output head) called through the same kernel function the model uses on a random
@@ -169,7 +170,8 @@ def main(argv=None) -> dict:
 
     step_ms = {k: [] for k in kinds}
     lin_ms = {k: [] for k in kinds}
-    with torch.inference_mode():
+    # As decoding runs them: ATen's own ops on one thread, the kernels on all (cpu_kernels.serial_aten).
+    with torch.inference_mode(), cpu_kernels.serial_aten():
         for kind in kinds:  # warm-up
             for _ in range(3):
                 runs[kind]()

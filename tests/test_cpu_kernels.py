@@ -361,6 +361,38 @@ torch.save(out, OUT)
         assert torch.equal(y_all, kernels.bf16_linear(x, w)), (n, k)
 
 
+def test_serial_aten_keeps_the_kernels_threads_and_gives_them_back(kernels):
+    """Inside serial_aten ATen has one thread and the kernels the count torch had; all_threads hands
+    ATen that count back for one operation; nesting changes nothing; everything is restored on exit,
+    also after an exception; and the linears give the same bits inside as outside."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(300, 64, generator=g).bfloat16()
+        x = torch.randn(3, 64, generator=g)
+        y = kernels.bf16_linear(x, w)
+        with kernels.serial_aten():
+            assert torch.get_num_threads() == 1 and kernels.info()["threads"] == 2
+            with kernels.serial_aten():
+                assert torch.get_num_threads() == 1 and kernels.info()["threads"] == 2
+            assert torch.get_num_threads() == 1
+            with kernels.all_threads():
+                assert torch.get_num_threads() == 2
+            assert torch.get_num_threads() == 1
+            assert torch.equal(kernels.bf16_linear(x, w), y)
+        assert torch.get_num_threads() == 2 and kernels.info()["threads"] == 2
+        with pytest.raises(RuntimeError, match="boom"), kernels.serial_aten():
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+        with kernels.serial_aten("meta"), kernels.all_threads():  # not the CPU: nothing changes
+            assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        assert kernels.info()["threads"] == 1  # outside, the kernels follow torch's count again
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_copy_slots_copies_exactly_those_slots(kernels):
     """copy_slots: dst[:, :, start:end] = src[:, :, start:end] for every pair (bf16 and fp32, caches of
     different lengths), nothing else touched; bad shapes and ranges are errors, not memory faults."""

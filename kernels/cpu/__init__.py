@@ -51,7 +51,8 @@ order whether x has 1 row or 16 (or 100), and whatever the number of threads (th
 N only). So a verification forward over k+1 tokens gets exactly the linear outputs of k+1 one-token
 steps. See kernels_avx512.cpp for the tiling and the argument.
 
-Threads: torch.get_num_threads() of them (torch.set_num_threads), from a small pool of our own in
+Threads: torch.get_num_threads() of them (torch.set_num_threads; inside serial_aten, the count torch
+had on entry, while ATen itself runs on one thread), from a small pool of our own in
 which the caller never waits for a helper that has not started (thread_pool.h says why: OpenMP's
 fork-join took a scheduler time slice per call on a busy machine). Matrices under ~48 KB of weight
 run on the calling thread only.
@@ -80,6 +81,7 @@ This package imports nothing of the project's.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -106,6 +108,8 @@ __all__ = [
     "block",
     "blocks",
     "copy_slots",
+    "serial_aten",
+    "all_threads",
     "attention",
     "rms_norm",
     "rope",
@@ -470,6 +474,50 @@ def copy_slots(dst: list, src: list, start: int, end: int) -> None:
     (_EXT or _require()).copy_slots(dst, src, start, end)
 
 
+_SERIAL = 0  # inside serial_aten: the threads the kernels keep (0: not inside)
+
+
+@contextlib.contextmanager
+def serial_aten(device: torch.device | str = "cpu"):
+    """Around a CPU decoding loop: ATen's own ops run on one thread, our kernels on torch's thread count
+    as it was. Why: the ops on the logits (a conversion, an argmax, a softmax: vocabulary-sized, so
+    above ATen's grain size) each opened an OpenMP region whose other thread was asleep after the step's
+    kernels, and waking it took ~0.2-0.5 ms a region on the 2-core VMs we measured: ~1.4 ms of a 5.6 ms
+    MXFP4 step. On one thread these ops take microseconds. What can change: a sum over the vocabulary
+    (a softmax's) may round differently on one thread than on two, as between machines; greedy tokens
+    cannot, and speculation's exactness does not rest on such bits (the target and the drafts compute
+    their probabilities the same way inside one run). Long forwards take all the threads back for
+    torch's GEMM (all_threads, accel.long_linear). A no-op on other devices, where the kernels are not
+    loaded, with one thread, and when already inside."""
+    global _SERIAL
+    n = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or _EXT is None or n <= 1 or _SERIAL:
+        yield
+        return
+    _EXT.set_threads(n)
+    torch.set_num_threads(1)
+    _SERIAL = n
+    try:
+        yield
+    finally:
+        _SERIAL = 0
+        torch.set_num_threads(n)
+        _EXT.set_threads(0)
+
+
+@contextlib.contextmanager
+def all_threads():
+    """Inside serial_aten, ATen gets all the threads back for one big operation (a long prefill's GEMM)."""
+    if not _SERIAL:
+        yield
+        return
+    torch.set_num_threads(_SERIAL)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
+
+
 def info() -> dict:
     """What is in use: availability, reason, whether the CPU reports avx512_bf16 and avx512_vnni, whether
     bf16_linear uses vdpbf16ps, threads."""
@@ -480,7 +528,7 @@ def info() -> dict:
         "avx512_bf16_reported": bool(ext and ext.cpu_has_avx512_bf16()),
         "avx512_vnni": bool(ext and ext.cpu_has_avx512_vnni()),
         "bf16_dot": bool(ext and ext.bf16_dot_in_use()),
-        "threads": torch.get_num_threads(),
+        "threads": ext.pool_threads() if ext else torch.get_num_threads(),
     }
 
 

@@ -73,18 +73,28 @@ int64_t leading_rows(const at::Tensor& x) {
 }
 
 // Threads split the N output rows into chunks (never K: that would change the order of the additions),
-// claimed dynamically from thread_pool.h's pool; torch.set_num_threads sets how many threads take part.
+// claimed dynamically from thread_pool.h's pool; torch.set_num_threads sets how many threads take part
+// (unless set_threads pinned the count: see g_pool_threads).
 // A chunk is a multiple of 16 rows (whole tiles) and about kChunkBytes of weight: small enough to share
 // the work out evenly, large enough that claiming it (one atomic add) costs nothing. A matrix of a
 // single chunk runs on the calling thread alone, where waking a helper would cost more than it saves.
 constexpr int64_t kChunkBytes = 48 * 1024;
+
+// The pool's thread count: 0 follows torch's (at::get_num_threads()); set_threads(n) pins it, so that
+// ATen's own ops can run on one thread while the kernels keep n (cpu_kernels.serial_aten).
+std::atomic<int> g_pool_threads{0};
+
+int pool_threads() {
+  const int n = g_pool_threads.load(std::memory_order_relaxed);
+  return n > 0 ? n : at::get_num_threads();
+}
 
 // f over [0, N) in chunks of `per`, claimed from the pool; on the calling thread alone when there is
 // one chunk or one thread.
 template <typename F>
 void in_chunks(int64_t N, int64_t per, const F& f) {
   const int64_t chunks = (N + per - 1) / per;
-  const int threads = at::get_num_threads();
+  const int threads = pool_threads();
   if (chunks <= 1 || threads <= 1) return f(0, N);
   struct Job {
     const F* f;
@@ -338,7 +348,7 @@ void attention_run(const AttentionArgs& a) {
     attention_rows(a, r0, r1, scores.data(), slots.data());
   };
   if (rows * S * a.D < (1 << 16)) return run(0, rows);
-  in_chunks(rows, std::max<int64_t>(1, rows / (4 * at::get_num_threads())), run);
+  in_chunks(rows, std::max<int64_t>(1, rows / (4 * pool_threads())), run);
 }
 
 // Attention of the T new tokens q [B, H, T, D] over the cache k, v [B, KVH, S, D], slots visible where
@@ -417,6 +427,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope", &rope, "model.py's apply_rope in one call", py::arg("x"), py::arg("freqs"));
   m.def("block", &block, "model.py's TransformerBlock (cached path) in one call");
   m.def("blocks", &blocks, "every TransformerBlock of a model (cached path) in one call");
+  m.def("set_threads", [](int n) { g_pool_threads.store(n > 0 ? n : 0); }, "the pool's threads; 0: torch's");
+  m.def("pool_threads", &pool_threads, "the threads the kernels use");
   m.def("copy_slots", &copy_slots, "cache slots [start, end) of every src into dst", py::arg("dst"), py::arg("src"),
         py::arg("start"), py::arg("end"));
   m.def("cpu_has_avx512", &cpu_has_avx512);

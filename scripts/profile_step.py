@@ -21,6 +21,8 @@ int8_activations=True), measured in the same rounds as the exact ones (a before/
                module call is counted here.
   rest ms      step - linears: attention, norms, RoPE, residual adds, the embedding, the float32
                logits, and the Python of the step.
+  ATen thr.    the same step outside serial_aten, ATen's ops on every thread (each of its OpenMP
+               regions then wakes a sleeping thread), in the same rounds.
   weight MB    model.weight_bytes (what a step reads: the head, and the embedding only when tied).
   linear MB    the bytes of the linears' own weights (codes + scales, or the bf16 matrix).
   GB/s         linear MB / linears ms.
@@ -169,23 +171,30 @@ def main(argv=None) -> dict:
         passes[kind] = _linear_pass(model)
 
     step_ms = {k: [] for k in kinds}
+    threaded_ms = {k: [] for k in kinds}
     lin_ms = {k: [] for k in kinds}
-    # As decoding runs them: ATen's own ops on one thread, the kernels on all (cpu_kernels.serial_aten).
-    with torch.inference_mode(), cpu_kernels.serial_aten():
+
+    def time_steps(kind, into):
+        for _ in range(args.block):
+            t0 = time.perf_counter()
+            runs[kind]()
+            into[kind].append(1e3 * (time.perf_counter() - t0))
+
+    with torch.inference_mode():
         for kind in kinds:  # warm-up
             for _ in range(3):
                 runs[kind]()
                 passes[kind][0]()
         for _ in range(args.rounds):
             for kind in kinds:
-                for _ in range(args.block):
-                    t0 = time.perf_counter()
-                    runs[kind]()
-                    step_ms[kind].append(1e3 * (time.perf_counter() - t0))
-                for _ in range(max(1, args.block // 2)):
-                    t0 = time.perf_counter()
-                    passes[kind][0]()
-                    lin_ms[kind].append(1e3 * (time.perf_counter() - t0))
+                # As decoding runs them: ATen's own ops on one thread, the kernels on all.
+                with cpu_kernels.serial_aten():
+                    time_steps(kind, step_ms)
+                    for _ in range(max(1, args.block // 2)):
+                        t0 = time.perf_counter()
+                        passes[kind][0]()
+                        lin_ms[kind].append(1e3 * (time.perf_counter() - t0))
+                time_steps(kind, threaded_ms)  # and with ATen on every thread, as before serial_aten
     load_after = os.getloadavg()
 
     results = {}
@@ -196,6 +205,7 @@ def main(argv=None) -> dict:
             "step_ms": step,
             "step_ms_p10": _quantile(step_ms[kind], 0.1),
             "step_ms_p90": _quantile(step_ms[kind], 0.9),
+            "step_ms_aten_threaded": statistics.median(threaded_ms[kind]),
             "linears_ms": lin,
             "rest_ms": step - lin,
             "weight_bytes": weight_bytes(models[kind]),
@@ -343,15 +353,17 @@ def markdown(record: dict) -> str:
         f"load average {record['load_average_before'][0]:.2f} -> {record['load_average_after'][0]:.2f}, "
         f"{record['samples_per_kind']} steps per kind",
         "",
-        "| kind | step ms (p10-p90) | linears ms | rest ms | weight MB | linear MB | lin. GB/s | x target |",
-        "|---|---|---|---|---|---|---|---|",
+        "| kind | step ms (p10-p90) | ATen thr. ms | linears ms | rest ms | weight MB | linear MB "
+        "| lin. GB/s | x target |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for kind, r in record["results"].items():
         name = kind
         rel = f"{r['of_target_step']:.2f}" if r["of_target_step"] is not None else "-"
         lines.append(
             f"| {name} | {r['step_ms']:.2f} ({r['step_ms_p10']:.2f}-{r['step_ms_p90']:.2f}) "
-            f"| {r['linears_ms']:.2f} | {r['rest_ms']:.2f} | {r['weight_bytes'] / 1e6:.1f} "
+            f"| {r['step_ms_aten_threaded']:.2f} | {r['linears_ms']:.2f} | {r['rest_ms']:.2f} "
+            f"| {r['weight_bytes'] / 1e6:.1f} "
             f"| {r['linear_bytes'] / 1e6:.1f} | {r['linears_GBps']:.1f} | {rel} |"
         )
     return "\n".join(lines)

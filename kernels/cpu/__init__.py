@@ -481,14 +481,14 @@ _SERIAL = 0  # inside serial_aten: the threads the kernels keep (0: not inside)
 def serial_aten(device: torch.device | str = "cpu"):
     """Around a CPU decoding loop: ATen's own ops run on one thread, our kernels on torch's thread count
     as it was. Why: the ops on the logits (a conversion, an argmax, a softmax: vocabulary-sized, so
-    above ATen's grain size) each opened an OpenMP region whose other thread was asleep after the step's
-    kernels, and waking it took ~0.2-0.5 ms a region on the 2-core VMs we measured: ~1.4 ms of a 5.6 ms
-    MXFP4 step. On one thread these ops take microseconds. What can change: a sum over the vocabulary
-    (a softmax's) may round differently on one thread than on two, as between machines; greedy tokens
-    cannot, and speculation's exactness does not rest on such bits (the target and the drafts compute
-    their probabilities the same way inside one run). Long forwards take all the threads back for
-    torch's GEMM (all_threads, accel.long_linear). A no-op on other devices, where the kernels are not
-    loaded, with one thread, and when already inside."""
+    above ATen's grain size) each open an OpenMP region whose other thread is asleep after the step's
+    kernels, and waking it can take a good part of a millisecond on the 2-core VMs we measured (up to
+    ~1.5 ms of a ~7 ms MXFP4 step; docs/kernels.md). On one thread these ops take microseconds. What
+    can change: a sum over the vocabulary (a softmax's) may round differently on one thread than on
+    two, as between machines; greedy tokens cannot, and speculation's exactness does not rest on such
+    bits (the target and the drafts compute their probabilities the same way inside one run). Long
+    forwards take all the threads back for torch's GEMM (all_threads, accel.long_linear). A no-op on
+    other devices, where the kernels are not loaded, with one thread, and when already inside."""
     global _SERIAL
     n = torch.get_num_threads()
     if torch.device(device).type != "cpu" or _EXT is None or n <= 1 or _SERIAL:

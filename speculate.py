@@ -274,8 +274,8 @@ def autoregressive_decode(
             return sampling.greedy(logits)
         return sampling.sample(sampling.probs(logits, temperature, top_k, top_p), generator)
 
-    # On the CPU, ATen's own small ops run on one thread meanwhile (cpu_kernels.serial_aten says why).
-    with cpu_kernels.serial_aten(level.device):
+    # Where the kernels run every linear, ATen's own small ops take one thread (serial_aten says why).
+    with cpu_kernels.serial_aten(cpu_kernels.decodes_on_kernels(level.model)):
         sync(level.device)
         t0 = time.perf_counter()
         level.reset(prompt.numel() + max_new_tokens)
@@ -529,8 +529,9 @@ class Speculation:
         limit = P + max_new_tokens
         stats = SpecStats(prompt_tokens=P, levels=self.stats)
 
-        # On the CPU, ATen's own small ops run on one thread meanwhile (cpu_kernels.serial_aten says why).
-        with cpu_kernels.serial_aten(self.device):
+        # Where the kernels run every level's linears, ATen's own small ops take one thread (serial_aten).
+        models = [level.model for level in self.levels if hasattr(level, "model")]
+        with cpu_kernels.serial_aten(all(cpu_kernels.decodes_on_kernels(m) for m in models)):
             sync(self.device)
             t0 = time.perf_counter()
             self.buf = torch.zeros(limit, dtype=torch.long, device=self.device)

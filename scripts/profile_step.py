@@ -188,7 +188,7 @@ def main(argv=None) -> dict:
         for _ in range(args.rounds):
             for kind in kinds:
                 # As decoding runs them: ATen's own ops on one thread, the kernels on all.
-                with cpu_kernels.serial_aten():
+                with cpu_kernels.serial_aten(cpu_kernels.decodes_on_kernels(models[kind])):
                     time_steps(kind, step_ms)
                     for _ in range(max(1, args.block // 2)):
                         t0 = time.perf_counter()

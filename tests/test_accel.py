@@ -150,3 +150,36 @@ def test_show_colours_by_level_and_never_prints_stop_tokens(monkeypatch, capsys)
     monkeypatch.setattr("sys.stdout.isatty", lambda: True)
     generate.main(argv + ["--show"])
     assert "\033[1;31m" in capsys.readouterr().out
+
+
+def test_decoding_takes_atens_threads_only_where_the_kernels_run_every_linear():
+    """cpu_kernels.serial_aten around the decoding loops: ATen drops to one thread only for models whose
+    every linear runs on the kernels (bf16, MXFP4), never for an fp32 or a plain model, whose linears
+    are ATen's own; and the thread count is back after the loop."""
+    import mxfp4
+    from kernels import cpu as cpu_kernels
+    from speculate import ModelLevel, autoregressive_decode
+
+    if not cpu_kernels.available():
+        pytest.skip(f"CPU kernels unavailable here: {cpu_kernels.unavailable_reason()}")
+    bf16, fp32, plain = small(), small(torch.float32), small()
+    cast = mxfp4.quantize_model(small())
+    for m in (bf16, fp32, cast):
+        accel.accelerate(m)
+    assert cpu_kernels.decodes_on_kernels(bf16) and cpu_kernels.decodes_on_kernels(cast)
+    assert not cpu_kernels.decodes_on_kernels(fp32) and not cpu_kernels.decodes_on_kernels(plain)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for m, inside in ((bf16, 1), (fp32, 2), (plain, 2)):
+            seen = []
+            autoregressive_decode(
+                ModelLevel(m),
+                torch.tensor([1, 2, 3]),
+                3,
+                on_token=lambda _, seen=seen: seen.append(torch.get_num_threads()),
+            )
+            assert seen == [inside] * 3 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -385,7 +385,7 @@ def test_serial_aten_keeps_the_kernels_threads_and_gives_them_back(kernels):
         with pytest.raises(RuntimeError, match="boom"), kernels.serial_aten():
             raise RuntimeError("boom")
         assert torch.get_num_threads() == 2
-        with kernels.serial_aten("meta"), kernels.all_threads():  # not the CPU: nothing changes
+        with kernels.serial_aten(False), kernels.all_threads():  # not enabled: nothing changes
             assert torch.get_num_threads() == 2
         torch.set_num_threads(1)
         assert kernels.info()["threads"] == 1  # outside, the kernels follow torch's count again

@@ -110,6 +110,7 @@ __all__ = [
     "copy_slots",
     "serial_aten",
     "all_threads",
+    "decodes_on_kernels",
     "attention",
     "rms_norm",
     "rope",
@@ -477,8 +478,29 @@ def copy_slots(dst: list, src: list, start: int, end: int) -> None:
 _SERIAL = 0  # inside serial_aten: the threads the kernels keep (0: not inside)
 
 
+def decodes_on_kernels(model: torch.nn.Module) -> bool:
+    """Whether every linear layer of `model` runs on these kernels, on the CPU: each says so through
+    cpu_spec() (accel.py's twins; None for a weight the kernels do not take, such as fp32), and a layer
+    without one (anything with in_features) goes through ATen. Then a decode step leaves ATen only
+    small ops, and serial_aten may take its threads; an fp32 or unaccelerated model needs them."""
+    if _EXT is None:
+        return False
+    tensors = list(model.parameters()) + list(model.buffers())
+    if not tensors or any(t.device.type != "cpu" for t in tensors):
+        return False
+    found = False
+    for m in model.modules():
+        if hasattr(m, "cpu_spec"):
+            if m.cpu_spec() is None:
+                return False
+            found = True
+        elif hasattr(m, "in_features"):
+            return False
+    return found
+
+
 @contextlib.contextmanager
-def serial_aten(device: torch.device | str = "cpu"):
+def serial_aten(enabled: bool = True):
     """Around a CPU decoding loop: ATen's own ops run on one thread, our kernels on torch's thread count
     as it was. Why: the ops on the logits (a conversion, an argmax, a softmax: vocabulary-sized, so
     above ATen's grain size) each open an OpenMP region whose other thread is asleep after the step's
@@ -487,11 +509,13 @@ def serial_aten(device: torch.device | str = "cpu"):
     can change: a sum over the vocabulary (a softmax's) may round differently on one thread than on
     two, as between machines; greedy tokens cannot, and speculation's exactness does not rest on such
     bits (the target and the drafts compute their probabilities the same way inside one run). Long
-    forwards take all the threads back for torch's GEMM (all_threads, accel.long_linear). A no-op on
-    other devices, where the kernels are not loaded, with one thread, and when already inside."""
+    forwards take all the threads back for torch's GEMM (all_threads, accel.long_linear). Callers pass
+    enabled=decodes_on_kernels(model) for each model of the loop: a model whose linears ATen computes
+    (fp32, or not accelerated) keeps ATen's threads. A no-op when not enabled, where the kernels are
+    not loaded, with one thread, and when already inside."""
     global _SERIAL
     n = torch.get_num_threads()
-    if torch.device(device).type != "cpu" or _EXT is None or n <= 1 or _SERIAL:
+    if not enabled or _EXT is None or n <= 1 or _SERIAL:
         yield
         return
     _EXT.set_threads(n)

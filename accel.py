@@ -114,7 +114,7 @@ class FastMXFP4Linear(mxfp4.MXFP4Linear):
     and use integer dot products (kernels/cpu mxfp4_linear_i8): faster, but not MXFP4Linear's bits,
     so a level's numerics. Ignored on CUDA and on CPUs without VNNI (the exact kernel runs).
     Long forwards (past LONG_FORWARD rows) of the exact path decode the weight for torch's GEMM
-    (long_linear): to fp32, then to bf16 where that GEMM runs in bf16."""
+    (long_linear): to bf16 where that GEMM runs in bf16 (exact), else to fp32."""
 
     int8_activations: bool = False
 
@@ -126,10 +126,8 @@ class FastMXFP4Linear(mxfp4.MXFP4Linear):
             y = mxfp4_triton(x.reshape(-1, self.in_features), self.codes, self.scales)
             y = y.view(*x.shape[:-1], self.out_features)
         elif cpu_kernels.usable(x) and _rows(x) > LONG_FORWARD and not self._int8():
-            w = cpu_kernels.mxfp4_weight_f32(self.codes, self.scales)
-            if _bf16_gemm(x):
-                w = w.to(torch.bfloat16)  # exact: an E2M1 value times a power of two fits in bf16
-            y = long_linear(x, w)
+            decode = cpu_kernels.mxfp4_weight_bf16 if _bf16_gemm(x) else cpu_kernels.mxfp4_weight_f32
+            y = long_linear(x, decode(self.codes, self.scales))
         elif cpu_kernels.usable(x):
             linear = cpu_kernels.mxfp4_linear_i8 if self._int8() else cpu_kernels.mxfp4_linear
             y = linear(x, self.codes, self.scales)

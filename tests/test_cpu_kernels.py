@@ -97,6 +97,7 @@ def test_4bit_weights_decode_to_fp32_exactly(kernels):
     assert torch.equal(w32, dequantize(codes, scales, torch.float32))
     # bf16 holds every MXFP4 value too (FastMXFP4Linear's long forwards on a CPU with native bf16)
     assert torch.equal(w32.to(torch.bfloat16).float(), w32)
+    assert torch.equal(kernels.mxfp4_weight_bf16(codes, scales), w32.to(torch.bfloat16))  # in one pass
     w = torch.randn(40, 256, generator=gen(2))
     for dtype in (torch.bfloat16, torch.float16):
         for group in (32, 128):

@@ -286,6 +286,18 @@ at::Tensor mxfp4_weight_f32(const at::Tensor& codes, const at::Tensor& scales) {
   return w;
 }
 
+// The same weight as bf16, exactly (mxfp4_to_bf16): what a long forward's bf16 GEMM multiplies by.
+at::Tensor mxfp4_weight_bf16(const at::Tensor& codes, const at::Tensor& scales) {
+  check_mxfp4(at::empty({0, codes.size(1) * 2}, codes.options().dtype(at::kFloat)), codes, scales, "mxfp4_weight_bf16");
+  const int64_t N = codes.size(0), K = codes.size(1) * 2;
+  const at::Tensor cc = codes.contiguous(), sc = scales.contiguous();
+  at::Tensor w = at::empty({N, K}, codes.options().dtype(at::kBFloat16));
+  const uint8_t *cp = cc.data_ptr<uint8_t>(), *sp = sc.data_ptr<uint8_t>();
+  uint16_t* wp = reinterpret_cast<uint16_t*>(w.data_ptr());
+  for_rows(N, K / 2 + K / 32, [&](int64_t n0, int64_t n1) { mxfp4_to_bf16(cp, sp, K, n0, n1, wp); });
+  return w;
+}
+
 at::Tensor int4_weight_f32(const at::Tensor& codes, const at::Tensor& scales) {
   check_int4(at::empty({0, codes.size(1) * 2}, codes.options().dtype(at::kFloat)), codes, scales, "int4_weight_f32");
   const int64_t N = codes.size(0), K = codes.size(1) * 2, G = scales.size(1);
@@ -419,6 +431,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_linear", &bf16_linear, "y = x @ W.T, W in bf16, x rounded to bf16", py::arg("x"), py::arg("w"));
   m.def("mxfp4_weight_f32", &mxfp4_weight_f32, "an MXFP4 weight decoded to float32 [N, K]", py::arg("codes"),
         py::arg("scales"));
+  m.def("mxfp4_weight_bf16", &mxfp4_weight_bf16, "an MXFP4 weight decoded to bfloat16 [N, K] (exact)",
+        py::arg("codes"), py::arg("scales"));
   m.def("int4_weight_f32", &int4_weight_f32, "an int4 weight decoded to float32 [N, K]", py::arg("codes"),
         py::arg("scales"));
   m.def("attention", &attention, "softmax(q k^T * scale, mask) v over a KV cache", py::arg("q"), py::arg("k"),

@@ -398,13 +398,13 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def mxfp4_weight_f32(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """An MXFP4 weight (codes [N, K/2], scales [N, K/32]) decoded to float32 [N, K]: the values
     mxfp4_linear multiplies by, for long forwards that take torch's fp32 GEMM."""
-    return (_EXT or _require()).mxfp4_weight_f32(codes, scales)
+    return (_EXT or _require()).mxfp4_weight(codes, scales, False)
 
 
 def mxfp4_weight_bf16(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The same weight as bfloat16 [N, K], exactly (an E2M1 value times a power of two fits in bf16): for
     long forwards that take torch's bf16 GEMM, in one pass."""
-    return (_EXT or _require()).mxfp4_weight_bf16(codes, scales)
+    return (_EXT or _require()).mxfp4_weight(codes, scales, True)
 
 
 def int4_weight_f32(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -52,10 +52,11 @@ void bf16_rows(const float* xp, int64_t M, int64_t K, const uint16_t* w, int64_t
 void bf16_rows_dot(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* w, int64_t N, int64_t n0,
                    int64_t n1, void* y, bool y_bf16);
 
-// The weight rows [n0, n1) decoded to fp32, w [N, K] row-major (natural order): for long forwards, whose
-// products then go to torch's fp32 GEMM. The values are exactly the ones the kernels multiply by.
-void mxfp4_to_bf16(const uint8_t* codes, const uint8_t* scales, int64_t K, int64_t n0, int64_t n1, uint16_t* w);
-void mxfp4_to_f32(const uint8_t* codes, const uint8_t* scales, int64_t K, int64_t n0, int64_t n1, float* w);
+// The weight rows [n0, n1) decoded to fp32 (MXFP4 also to bf16, exactly), w [N, K] row-major (natural
+// order): for long forwards, whose products then go to torch's GEMM. The values are exactly the ones
+// the kernels multiply by.
+void mxfp4_to_float(const uint8_t* codes, const uint8_t* scales, int64_t K, int64_t n0, int64_t n1, void* w,
+                    bool bf16);
 void int4_to_f32(const uint8_t* codes, const uint16_t* scales, bool scales_f16, int64_t K, int64_t group,
                  int64_t n0, int64_t n1, float* w);
 

@@ -643,24 +643,21 @@ AVX512_INLINE void decode_block(const uint8_t* c, __m512 lut, float* out) {
   _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(even, hi, odd));
 }
 
-AVX512 void mxfp4_to_f32(const uint8_t* codes, const uint8_t* scales, int64_t K, int64_t n0, int64_t n1, float* w) {
-  for (int64_t n = n0; n < n1; ++n)
-    for (int64_t j = 0; j < K / 32; ++j)
-      decode_block(codes + n * (K / 2) + 16 * j, _mm512_load_ps(kScaledE2M1.data() + (size_t{scales[n * (K / 32) + j]} << 4)),
-                   w + n * K + 32 * j);
-}
-
-// The same values as bf16 (exact: an E2M1 value times a power of two has 2 significant bits, so the fp32
-// value's low 16 bits are zero): for long forwards that take torch's bf16 GEMM, one pass that writes
-// half the bytes of mxfp4_to_f32 followed by a conversion.
-AVX512 void mxfp4_to_bf16(const uint8_t* codes, const uint8_t* scales, int64_t K, int64_t n0, int64_t n1,
-                          uint16_t* w) {
+// bf16: the same values as bf16, exactly (an E2M1 value times a power of two has 2 significant bits, so
+// the fp32 value's low 16 bits are zero), for long forwards that take torch's bf16 GEMM: half the bytes
+// written, and no conversion pass after.
+AVX512 void mxfp4_to_float(const uint8_t* codes, const uint8_t* scales, int64_t K, int64_t n0, int64_t n1, void* w,
+                           bool bf16) {
   alignas(64) float block[32];
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t j = 0; j < K / 32; ++j) {
-      decode_block(codes + n * (K / 2) + 16 * j,
-                   _mm512_load_ps(kScaledE2M1.data() + (size_t{scales[n * (K / 32) + j]} << 4)), block);
-      uint16_t* out = w + n * K + 32 * j;
+      const __m512 lut = _mm512_load_ps(kScaledE2M1.data() + (size_t{scales[n * (K / 32) + j]} << 4));
+      if (!bf16) {
+        decode_block(codes + n * (K / 2) + 16 * j, lut, static_cast<float*>(w) + n * K + 32 * j);
+        continue;
+      }
+      decode_block(codes + n * (K / 2) + 16 * j, lut, block);
+      uint16_t* out = static_cast<uint16_t*>(w) + n * K + 32 * j;
       for (int h = 0; h < 2; ++h)
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * h),
                             _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_load_si512(block + 16 * h), 16)));
@@ -710,8 +707,7 @@ void int4_rows(const float*, int64_t, int64_t, int64_t, const uint8_t*, const ui
                int64_t, void*, bool) {}
 void bf16_rows(const float*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, int64_t, void*, bool) {}
 void bf16_rows_dot(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, int64_t, void*, bool) {}
-void mxfp4_to_f32(const uint8_t*, const uint8_t*, int64_t, int64_t, int64_t, float*) {}
-void mxfp4_to_bf16(const uint8_t*, const uint8_t*, int64_t, int64_t, int64_t, uint16_t*) {}
+void mxfp4_to_float(const uint8_t*, const uint8_t*, int64_t, int64_t, int64_t, void*, bool) {}
 void int4_to_f32(const uint8_t*, const uint16_t*, bool, int64_t, int64_t, int64_t, int64_t, float*) {}
 
 #endif

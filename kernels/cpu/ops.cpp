@@ -274,27 +274,15 @@ at::Tensor int4_linear_i8(const at::Tensor& x, const at::Tensor& codes, const at
 }
 
 // The MXFP4 or int4 weight as a float32 [N, K] tensor (the values the kernels multiply by), for long
-// forwards: torch's fp32 GEMM then does the products.
-at::Tensor mxfp4_weight_f32(const at::Tensor& codes, const at::Tensor& scales) {
-  check_mxfp4(at::empty({0, codes.size(1) * 2}, codes.options().dtype(at::kFloat)), codes, scales, "mxfp4_weight_f32");
+// forwards: torch's GEMM then does the products. MXFP4 also as bfloat16 (exact), for a bf16 GEMM.
+at::Tensor mxfp4_weight(const at::Tensor& codes, const at::Tensor& scales, bool bf16) {
+  check_mxfp4(at::empty({0, codes.size(1) * 2}, codes.options().dtype(at::kFloat)), codes, scales, "mxfp4_weight");
   const int64_t N = codes.size(0), K = codes.size(1) * 2;
   const at::Tensor cc = codes.contiguous(), sc = scales.contiguous();
-  at::Tensor w = at::empty({N, K}, codes.options().dtype(at::kFloat));
+  at::Tensor w = at::empty({N, K}, codes.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
   const uint8_t *cp = cc.data_ptr<uint8_t>(), *sp = sc.data_ptr<uint8_t>();
-  float* wp = w.data_ptr<float>();
-  for_rows(N, K / 2 + K / 32, [&](int64_t n0, int64_t n1) { mxfp4_to_f32(cp, sp, K, n0, n1, wp); });
-  return w;
-}
-
-// The same weight as bf16, exactly (mxfp4_to_bf16): what a long forward's bf16 GEMM multiplies by.
-at::Tensor mxfp4_weight_bf16(const at::Tensor& codes, const at::Tensor& scales) {
-  check_mxfp4(at::empty({0, codes.size(1) * 2}, codes.options().dtype(at::kFloat)), codes, scales, "mxfp4_weight_bf16");
-  const int64_t N = codes.size(0), K = codes.size(1) * 2;
-  const at::Tensor cc = codes.contiguous(), sc = scales.contiguous();
-  at::Tensor w = at::empty({N, K}, codes.options().dtype(at::kBFloat16));
-  const uint8_t *cp = cc.data_ptr<uint8_t>(), *sp = sc.data_ptr<uint8_t>();
-  uint16_t* wp = reinterpret_cast<uint16_t*>(w.data_ptr());
-  for_rows(N, K / 2 + K / 32, [&](int64_t n0, int64_t n1) { mxfp4_to_bf16(cp, sp, K, n0, n1, wp); });
+  void* wp = w.data_ptr();
+  for_rows(N, K / 2 + K / 32, [&](int64_t n0, int64_t n1) { mxfp4_to_float(cp, sp, K, n0, n1, wp, bf16); });
   return w;
 }
 
@@ -429,10 +417,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear_i8", &int4_linear_i8, "y = x @ W.T, W in int4, x quantized to int8 per block of 32",
         py::arg("x"), py::arg("codes"), py::arg("scales"));
   m.def("bf16_linear", &bf16_linear, "y = x @ W.T, W in bf16, x rounded to bf16", py::arg("x"), py::arg("w"));
-  m.def("mxfp4_weight_f32", &mxfp4_weight_f32, "an MXFP4 weight decoded to float32 [N, K]", py::arg("codes"),
-        py::arg("scales"));
-  m.def("mxfp4_weight_bf16", &mxfp4_weight_bf16, "an MXFP4 weight decoded to bfloat16 [N, K] (exact)",
-        py::arg("codes"), py::arg("scales"));
+  m.def("mxfp4_weight", &mxfp4_weight, "an MXFP4 weight decoded to float32 or (exactly) bfloat16 [N, K]",
+        py::arg("codes"), py::arg("scales"), py::arg("bf16"));
   m.def("int4_weight_f32", &int4_weight_f32, "an int4 weight decoded to float32 [N, K]", py::arg("codes"),
         py::arg("scales"));
   m.def("attention", &attention, "softmax(q k^T * scale, mask) v over a KV cache", py::arg("q"), py::arg("k"),

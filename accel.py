@@ -107,62 +107,82 @@ class FastLinear(nn.Linear):
         return (0, self.weight, self.weight) if self.weight.dtype == torch.bfloat16 else None
 
 
-class FastMXFP4Linear(mxfp4.MXFP4Linear):
-    """MXFP4Linear reading its packed weight directly: Triton on CUDA, C++ on the CPU.
-
-    int8_activations (set by accelerate): on a CPU with AVX512-VNNI, round x to int8 per block of 32
-    and use integer dot products (kernels/cpu mxfp4_linear_i8): faster, but not MXFP4Linear's bits,
-    so a level's numerics. Ignored on CUDA and on CPUs without VNNI (the exact kernel runs).
-    Long forwards (past LONG_FORWARD rows) of the exact path decode the weight for torch's GEMM
-    (long_linear): to bf16 where that GEMM runs in bf16 (exact), else to fp32."""
+class _Int8Activations:
+    """What the MXFP4 and int4 twins share for int8_activations (set by accelerate): on a CPU with
+    AVX512-VNNI, round x to int8 per block of 32 and use integer dot products (kernels/cpu
+    mxfp4_linear_i8, int4_linear_i8): faster, but not the plain module's bits, so a level's numerics.
+    Those kernels read the weight packed in stripes of 16 rows (cpu_kernels.pack_i8): a second copy of
+    the 4-bit weight, made when accelerate turns the option on and dropped when it turns it off (a
+    weight changed in place afterwards needs accelerate again). Ignored on CUDA, on CPUs without VNNI
+    and for layers whose outputs are not a multiple of 16 (the exact kernel runs). Long forwards (past
+    LONG_FORWARD rows) take long_linear either way: a prefill is the same with and without the option."""
 
     int8_activations: bool = False
 
-    def _int8(self) -> bool:
-        return self.int8_activations and cpu_kernels.vnni_available()
+    def _set_int8(self, on: bool) -> None:
+        self.int8_activations = on
+        if on and cpu_kernels.vnni_available() and self.out_features % 16 == 0:
+            self.__dict__["_i8_weight"] = cpu_kernels.pack_i8(self.codes, self.scales)
+        else:
+            self.__dict__.pop("_i8_weight", None)
+
+    def _int8(self) -> tuple | None:
+        """The packed weight where the int8 kernels run, else None."""
+        if not (self.int8_activations and cpu_kernels.vnni_available()):
+            return None
+        return self.__dict__.get("_i8_weight")
+
+
+class FastMXFP4Linear(_Int8Activations, mxfp4.MXFP4Linear):
+    """MXFP4Linear reading its packed weight directly: Triton on CUDA, C++ on the CPU (the exact kernel,
+    or the int8 one: _Int8Activations). Long forwards (past LONG_FORWARD rows) decode the weight for
+    torch's GEMM (long_linear): to bf16 where that GEMM runs in bf16 (exact), else to fp32."""
 
     def forward(self, x: Tensor) -> Tensor:
         if x.is_cuda and mxfp4_triton is not None and x.dtype in KERNEL_DTYPES:
             y = mxfp4_triton(x.reshape(-1, self.in_features), self.codes, self.scales)
             y = y.view(*x.shape[:-1], self.out_features)
-        elif cpu_kernels.usable(x) and _rows(x) > LONG_FORWARD and not self._int8():
+        elif cpu_kernels.usable(x) and _rows(x) > LONG_FORWARD:
             decode = cpu_kernels.mxfp4_weight_bf16 if _bf16_gemm(x) else cpu_kernels.mxfp4_weight_f32
             y = long_linear(x, decode(self.codes, self.scales))
         elif cpu_kernels.usable(x):
-            linear = cpu_kernels.mxfp4_linear_i8 if self._int8() else cpu_kernels.mxfp4_linear
-            y = linear(x, self.codes, self.scales)
+            packed = self._int8()
+            if packed is not None:
+                y = cpu_kernels.mxfp4_linear_i8(x, *packed)
+            else:
+                y = cpu_kernels.mxfp4_linear(x, self.codes, self.scales)
         else:
             return super().forward(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def cpu_spec(self):
-        return 3 if self._int8() else 1, self.codes, self.scales
+        packed = self._int8()
+        return (1, self.codes, self.scales) if packed is None else (3, *packed)
 
 
-class FastInt4Linear(int4.Int4Linear):
-    """Int4Linear reading its packed weight directly: Triton on CUDA, C++ on the CPU. int8_activations
-    as FastMXFP4Linear's (kernels/cpu int4_linear_i8)."""
-
-    int8_activations: bool = False
-
-    def _int8(self) -> bool:
-        return self.int8_activations and cpu_kernels.vnni_available()
+class FastInt4Linear(_Int8Activations, int4.Int4Linear):
+    """Int4Linear reading its packed weight directly: Triton on CUDA, C++ on the CPU (the exact kernel,
+    or the int8 one: _Int8Activations)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if x.is_cuda and int4_triton is not None and x.dtype in KERNEL_DTYPES:
             y = int4_triton(x.reshape(-1, self.in_features), self.codes, self.scales)
             y = y.view(*x.shape[:-1], self.out_features)
-        elif cpu_kernels.usable(x) and _rows(x) > LONG_FORWARD and not self._int8():
+        elif cpu_kernels.usable(x) and _rows(x) > LONG_FORWARD:
             y = long_linear(x, cpu_kernels.int4_weight_f32(self.codes, self.scales))
         elif cpu_kernels.usable(x):
-            linear = cpu_kernels.int4_linear_i8 if self._int8() else cpu_kernels.int4_linear
-            y = linear(x, self.codes, self.scales)
+            packed = self._int8()
+            if packed is not None:
+                y = cpu_kernels.int4_linear_i8(x, *packed)
+            else:
+                y = cpu_kernels.int4_linear(x, self.codes, self.scales)
         else:
             return super().forward(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def cpu_spec(self):
-        return 4 if self._int8() else 2, self.codes, self.scales
+        packed = self._int8()
+        return (2, self.codes, self.scales) if packed is None else (4, *packed)
 
 
 class FastSubsetHead(tiny.SubsetHead):
@@ -372,7 +392,7 @@ class _BlockPlan(_Watch):
         for m in parts:
             self.watch(m._parameters)
             self.watch(m._buffers)
-            self.watch(m.__dict__, ("int8_activations", "eps"))
+            self.watch(m.__dict__, ("int8_activations", "_i8_weight", "eps"))
         self.args = self._args(attn, parts)
 
     def _args(self, attn, parts):
@@ -556,9 +576,10 @@ def accelerate(model: nn.Module, enabled: bool = True, int8_activations: bool | 
         if want is twin:
             report.swapped[twin.__name__] = report.swapped.get(twin.__name__, 0) + 1
             if twin in (FastMXFP4Linear, FastInt4Linear):
-                module.int8_activations = int8_activations
+                module._set_int8(int8_activations)
         else:
             module.__dict__.pop("int8_activations", None)
+            module.__dict__.pop("_i8_weight", None)
     return report
 
 
@@ -569,10 +590,10 @@ def int8_pays(model: nn.Module, repeats: int = 5) -> bool:
     """Whether int8 activations make `model`'s 4-bit linears faster on this CPU, measured: every MXFP4
     or int4 linear of the model once on one bf16 row (a decode step's weight reads), with the exact
     kernels and with the int8 ones, passes in turn, best of `repeats` each (tens of milliseconds for
-    SmolLM2; remembered per set of shapes and thread count). Whole passes, because a single matrix can
-    sit in the cache and mislead: int8 was faster on SmolLM2's head alone on a 2-core Zen 5 and 1.3x
-    slower over the whole model there, while a 2-core Ice Lake gained 1.2x a step. False without VNNI
-    or 4-bit linears on the CPU."""
+    SmolLM2, plus packing the weights once; remembered per set of shapes and thread count). Whole
+    passes, because a single matrix can sit in the cache and mislead: an earlier int8 kernel was faster
+    on SmolLM2's head alone on a 2-core Zen 5 and 1.3x slower over the whole model there. False without
+    VNNI or 4-bit linears on the CPU."""
     if not cpu_kernels.vnni_available():
         return False
     layers = [
@@ -587,18 +608,25 @@ def int8_pays(model: nn.Module, repeats: int = 5) -> bool:
     if key not in _INT8_PAYS:
         g = torch.Generator().manual_seed(0)  # not torch's global generator: sampling may rely on it
         xs = {k: torch.randn(1, k, generator=g).to(torch.bfloat16) for _, _, k, _ in calls}
-        kernels = {
-            False: (cpu_kernels.mxfp4_linear, cpu_kernels.int4_linear),
-            True: (cpu_kernels.mxfp4_linear_i8, cpu_kernels.int4_linear_i8),
+        exact = {True: cpu_kernels.mxfp4_linear, False: cpu_kernels.int4_linear}
+        with_i8 = {True: cpu_kernels.mxfp4_linear_i8, False: cpu_kernels.int4_linear_i8}
+        # Each layer as it would run: the int8 kernels on the packed weight where the layer takes them.
+        runs = {
+            False: [(exact[mx], xs[k], codes, scales) for codes, scales, k, mx in calls],
+            True: [
+                (with_i8[mx], xs[k], *cpu_kernels.pack_i8(codes, scales))
+                if codes.shape[0] % 16 == 0
+                else (exact[mx], xs[k], codes, scales)
+                for codes, scales, k, mx in calls
+            ],
         }
 
         def run(int8):
-            mx_f, int4_f = kernels[int8]
-            for codes, scales, k, mx in calls:
-                (mx_f if mx else int4_f)(xs[k], codes, scales)
+            for f, x, codes, scales in runs[int8]:
+                f(x, codes, scales)
 
         with torch.no_grad():
-            best = cpu_kernels.best_times({int8: lambda int8=int8: run(int8) for int8 in kernels}, repeats)
+            best = cpu_kernels.best_times({int8: lambda int8=int8: run(int8) for int8 in runs}, repeats)
         _INT8_PAYS[key] = best[True] < best[False]
     return _INT8_PAYS[key]
 

@@ -8,9 +8,10 @@ the right test, not a tolerance:
   - the block dot products d: integers below 2^24, exact in float64 (and in the kernel's int32);
   - fp32(d) * fp32(sw * sx): two fp32 multiplications, each correctly rounded in both (the kernel has no
     FMA there and is built with -ffp-contract=off);
-  - the fp32 sums: 16 lanes, lane L taking block 16 g + block_of_lane(L) for g = 0, 1, ... in order (a
-    padded lane adding +0), then the fixed tree of hsum16. fp32 addition is correctly rounded and the
-    order is the same, so the bits are.
+  - the fp32 sum: the blocks in order, one after another, from +0. fp32 addition is correctly rounded
+    and the order is the same, so the bits are.
+The kernels read the weight packed by cpu_kernels.pack_i8; the reference reads it as quantized, so the
+equality covers the packing too.
 Then M-invariance (every row of an M-row call equals the one-row call, whatever the thread count), the
 fused block with int8 kinds equal to the twins called one by one, the accel option, and the quality of
 the approximation (close to the exact kernel, as int8 rounding allows).
@@ -42,9 +43,6 @@ def gen(seed):
 
 
 # --- the reference -------------------------------------------------------------------------------------
-
-# The block of lane L in a last group of fewer than 16 blocks (block_of_lane in kernels_vnni.cpp).
-LANE_BLOCK = [4 * (lane % 4) + lane // 4 for lane in range(16)]
 
 
 def quantize_activations(x: torch.Tensor):
@@ -78,16 +76,10 @@ def reference(x, weight_ints, weight_scales):
     a, sx = quantize_activations(x)
     d = torch.einsum("mbi,nbi->mnb", a, weight_ints)  # exact integers
     p = d.float() * (weight_scales[None] * sx[:, None])  # [M, N, blocks]
-    blocks = p.shape[-1]
-    groups = -(-blocks // 16)
-    p = torch.nn.functional.pad(p, (0, 16 * groups - blocks)).reshape(*p.shape[:2], groups, 16)
-    acc = torch.zeros(p.shape[:2] + (16,), dtype=torch.float32)
-    for g in range(groups):  # lane L: block 16 g + L, or LANE_BLOCK[L] in a last, partial group
-        acc = acc + (p[:, :, g] if 16 * (g + 1) <= blocks else p[:, :, g, LANE_BLOCK])
-    s8 = acc[..., :8] + acc[..., 8:]
-    s4 = s8[..., :4] + s8[..., 4:]
-    s2 = s4[..., :2] + s4[..., 2:]
-    return s2[..., 0] + s2[..., 1]
+    acc = torch.zeros(p.shape[:2], dtype=torch.float32)
+    for j in range(p.shape[-1]):
+        acc = acc + p[..., j]
+    return acc
 
 
 def random_mxfp4(n, k, seed):
@@ -117,9 +109,44 @@ def assert_same_bits(y, ref):
     assert same.all(), f"{(~same).sum().item()} of {same.numel()} outputs differ"
 
 
-# Shapes: K below, at and past a group of 16 blocks (512), with every tail of 1..4 units; N not a
-# multiple of any tile.
-SHAPES = [(1, 32), (3, 64), (7, 96), (5, 128), (33, 160), (17, 512), (130, 576), (9, 1536), (5, 32 * 37)]
+# Shapes: N whole stripes of 16, K from one block to 37.
+SHAPES = [(16, 32), (32, 64), (16, 96), (48, 128), (32, 160), (16, 512), (128, 576), (16, 1536),
+          (32, 32 * 37)]  # fmt: skip
+
+
+def mxfp4_i8(x, codes, scales):
+    return cpu_kernels.mxfp4_linear_i8(x, *cpu_kernels.pack_i8(codes, scales))
+
+
+def int4_i8(x, codes, scales):
+    return cpu_kernels.int4_linear_i8(x, *cpu_kernels.pack_i8(codes, scales))
+
+
+def test_pack_puts_each_code_where_the_layout_says():
+    """pack_i8's layout, element by element: (row 16 s + r, element 32 j + 8 t + i (+ 4)) at byte
+    ((s * K/32 + j) * 4 + t) * 64 + 4 r + i, low (high) nibble; scales per stripe and block, rows side by
+    side; int4 scales as fp32."""
+    n, k = 32, 96
+    codes = torch.randint(0, 256, (n, k // 2), generator=gen(3), dtype=torch.uint8)
+    scales = torch.randint(0, 256, (n, k // 32), generator=gen(4), dtype=torch.uint8)
+    cv, sv = cpu_kernels.pack_i8(codes, scales)
+    assert cv.shape == codes.shape and sv.shape == scales.shape
+    flat, flat_s = cv.flatten(), sv.flatten()
+    for row in range(n):
+        s, r = divmod(row, 16)
+        for e in range(k):
+            j, t, i = e // 32, e % 32 // 8, e % 8
+            nib = (codes[row, e // 2] >> (4 * (e % 2))) & 15
+            byte = flat[((s * (k // 32) + j) * 4 + t) * 64 + 4 * r + i % 4]
+            assert ((byte >> 4) if i >= 4 else byte & 15) == nib
+        for j in range(k // 32):
+            assert flat_s[(s * (k // 32) + j) * 16 + r] == scales[row, j]
+    c4, s4 = random_int4(n, k, 32, torch.bfloat16, seed=1)
+    _, packed = cpu_kernels.pack_i8(c4, s4)
+    assert packed.dtype == torch.float32
+    assert torch.equal(packed.reshape(2, k // 32, 16).transpose(1, 2).reshape(n, -1), s4.float())
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cpu_kernels.pack_i8(codes[:20], scales[:20])
 
 
 @pytest.mark.parametrize("n,k", SHAPES)
@@ -127,24 +154,24 @@ SHAPES = [(1, 32), (3, 64), (7, 96), (5, 128), (33, 160), (17, 512), (130, 576),
 def test_mxfp4_i8_equals_the_reference(kernels, n, k, dtype):
     codes, scales = random_mxfp4(n, k, seed=n * 1000 + k)
     e, sw = mxfp4_integers(codes, scales)
-    for m in (1, 2, 5, 16, 19):
+    for m in (1, 2, 5, 8, 9, 19):
         x = random_x(m, k, seed=m, dtype=dtype)
-        y = kernels.mxfp4_linear_i8(x, codes, scales)
+        y = mxfp4_i8(x, codes, scales)
         assert y.dtype == dtype
         assert_same_bits(y, reference(x, e, sw).to(dtype))
 
 
-@pytest.mark.parametrize("n,k,group", [(3, 64, 32), (7, 576, 64), (130, 576, 64), (9, 1536, 128),
-                                       (5, 1536, 512), (6, 96 * 7, 96), (4, 160, 160)])  # fmt: skip
+@pytest.mark.parametrize("n,k,group", [(16, 64, 32), (16, 576, 64), (128, 576, 64), (16, 1536, 128),
+                                       (32, 1536, 512), (16, 96 * 7, 96), (16, 160, 160)])  # fmt: skip
 @pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16])
 def test_int4_i8_equals_the_reference(kernels, n, k, group, scale_dtype):
-    """Group sizes dividing 16 blocks take the vector path; 96 and 160 (3 and 5 blocks) the per-lane one."""
+    """Groups of 1 to 16 blocks, dividing K or not a power of two."""
     codes, scales = random_int4(n, k, group, scale_dtype, seed=n + k + group)
     q, sw = int4_integers(codes, scales)
     for m in (1, 3, 16, 17):
         for dtype in (torch.float32, torch.bfloat16):
             x = random_x(m, k, seed=m + 7, dtype=dtype)
-            assert_same_bits(kernels.int4_linear_i8(x, codes, scales), reference(x, q, sw).to(dtype))
+            assert_same_bits(int4_i8(x, codes, scales), reference(x, q, sw).to(dtype))
 
 
 def test_every_code_scale_and_extreme(kernels):
@@ -163,7 +190,7 @@ def test_every_code_scale_and_extreme(kernels):
     x[3] *= 1e-30
     x[4] *= 1e30
     x[5, :32] = 1e-40  # subnormal activations
-    y = kernels.mxfp4_linear_i8(x, codes, scales)
+    y = mxfp4_i8(x, codes, scales)
     assert_same_bits(y, reference(x, e, sw))
     # NaN where the scale is (255), and nowhere the tiny scales are (254 overflows: inf - inf).
     assert y[:, 3].isnan().all() and not y[:, :2].isnan().any()
@@ -175,10 +202,10 @@ def test_rows_are_identical_for_every_m_and_thread_count(kernels, fmt):
     threads (a matrix large enough to be split over threads)."""
     n, k = 1536, 576
     if fmt == "mxfp4":
-        codes, scales = random_mxfp4(n, k, seed=5)
+        codes, scales = kernels.pack_i8(*random_mxfp4(n, k, seed=5))
         fn = kernels.mxfp4_linear_i8
     else:
-        codes, scales = random_int4(n, k, 64, torch.bfloat16, seed=5)
+        codes, scales = kernels.pack_i8(*random_int4(n, k, 64, torch.bfloat16, seed=5))
         fn = kernels.int4_linear_i8
     x = random_x(40, k, seed=3)
     alone = torch.cat([fn(x[i : i + 1], codes, scales) for i in range(40)])
@@ -203,7 +230,7 @@ def test_close_to_the_exact_kernel(kernels):
     codes, scales = random_mxfp4(n, k, seed=9)
     x = random_x(8, k, seed=4)
     exact = kernels.mxfp4_linear(x, codes, scales).double()
-    approx = kernels.mxfp4_linear_i8(x, codes, scales).double()
+    approx = mxfp4_i8(x, codes, scales).double()
     from mxfp4 import dequantize
 
     w = dequantize(codes, scales, torch.float32).double().abs().reshape(n, -1, 32)
@@ -220,21 +247,23 @@ def test_close_to_the_exact_kernel(kernels):
 
 
 def test_errors(kernels):
-    codes, scales = random_mxfp4(4, 64, seed=1)
+    codes, scales = kernels.pack_i8(*random_mxfp4(16, 64, seed=1))
     with pytest.raises(RuntimeError, match="features"):
         kernels.mxfp4_linear_i8(torch.randn(2, 32), codes, scales)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         kernels.mxfp4_linear_i8(torch.randn(2, 64).half(), codes, scales)
-    c4, s4 = random_int4(4, 64, 32, torch.bfloat16, seed=1)
-    with pytest.raises(RuntimeError, match="bfloat16 or float16"):
-        kernels.int4_linear_i8(torch.randn(2, 64), c4, s4.float())
-    assert kernels.mxfp4_linear_i8(torch.randn(0, 64), codes, scales).shape == (0, 4)
-    assert kernels.mxfp4_linear_i8(torch.randn(2, 3, 64), codes, scales).shape == (2, 3, 4)
+    c4, s4 = random_int4(16, 64, 32, torch.bfloat16, seed=1)
+    with pytest.raises(RuntimeError, match="pack_i8"):  # int4 scales as quantized, not packed
+        kernels.int4_linear_i8(torch.randn(2, 64), c4, s4)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        kernels.mxfp4_linear_i8(torch.randn(2, 64), codes[:8], scales[:8])
+    assert kernels.mxfp4_linear_i8(torch.randn(0, 64), codes, scales).shape == (0, 16)
+    assert kernels.mxfp4_linear_i8(torch.randn(2, 3, 64), codes, scales).shape == (2, 3, 16)
 
 
 def test_torch_compile_traces_the_operators(kernels):
-    codes, scales = random_mxfp4(8, 64, seed=2)
-    c4, s4 = random_int4(8, 64, 32, torch.bfloat16, seed=2)
+    codes, scales = kernels.pack_i8(*random_mxfp4(16, 64, seed=2))
+    c4, s4 = kernels.pack_i8(*random_int4(16, 64, 32, torch.bfloat16, seed=2))
 
     def f(x):
         return kernels.mxfp4_linear_i8(x, codes, scales) + kernels.int4_linear_i8(x, c4, s4)
@@ -267,7 +296,10 @@ def test_fused_block_with_int8_kinds_gives_the_twins_bits(kernels, fmt, monkeypa
     accel.accelerate(model, int8_activations=True)
     twins = [m for m in model.modules() if isinstance(m, accel.FastMXFP4Linear | accel.FastInt4Linear)]
     assert twins and all(m.int8_activations for m in twins)
-    assert {accel._linear_spec(m)[0] for m in twins} == {3 if fmt == "mxfp4" else 4}
+    int8_kind, exact_kind = (3, 1) if fmt == "mxfp4" else (4, 2)
+    # The head's 300 outputs are not whole stripes of 16: it keeps the exact kernel.
+    assert any(m.out_features % 16 for m in twins)
+    assert all(accel._linear_spec(m)[0] == (exact_kind if m.out_features % 16 else int8_kind) for m in twins)
     ids = torch.randint(0, 300, (1, 12), generator=gen(0))
     calls = []
     fused = accel.FastBlock._fused

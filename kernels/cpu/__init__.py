@@ -29,7 +29,8 @@ accumulated in fp32. No autograd (call them under torch.no_grad() or inference_m
                 dequantize(codes, scales, float32)-then-matmul up to the order of the fp32 additions
                 (q * scale is exact in fp32).
   mxfp4_linear_i8, int4_linear_i8
-                the same weights with x quantized to int8 per block of 32 elements (one fp32 scale
+                the same weights, repacked once by pack_i8 into stripes of 16 rows (N a multiple of
+                16; int4 scales as fp32), with x quantized to int8 per block of 32 elements (one fp32 scale
                 each, amax / 127, round half to even), exact integer dot products per block (AVX512-VNNI
                 vpdpbusd), each block's sum scaled by (weight scale x activation scale) and added in
                 fp32 in a fixed order: kernels_vnni.cpp gives the maths to the rounding, and
@@ -101,6 +102,7 @@ __all__ = [
     "int4_linear",
     "mxfp4_linear_i8",
     "int4_linear_i8",
+    "pack_i8",
     "vnni_available",
     "bf16_linear",
     "mxfp4_weight_f32",
@@ -372,17 +374,39 @@ def vnni_available() -> bool:
     return _VNNI
 
 
+def pack_i8(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An MXFP4 or int4 weight (codes uint8 [N, K/2]; scales uint8 E8M0 [N, K/32], or int4's bf16/fp16
+    [N, G]) in the layout of the int8 kernels: stripes of 16 weight rows whose int32 lanes are the rows
+    (kernels_vnni.cpp says why). Per stripe s and block j of 32 elements, 4 vectors of 64 bytes: vector
+    t holds in bytes 4r .. 4r + 3 the codes of row 16 s + r for elements 8t .. 8t + 3 (low nibbles) and
+    8t + 4 .. 8t + 7 (high nibbles). The scales go per stripe and block (group) with the 16 rows side
+    by side; int4's become fp32 (exactly). The same bytes as the input, reordered: N must be a multiple
+    of 16."""
+    n, half = codes.shape
+    if n % 16 or half % 16:
+        raise ValueError(f"pack_i8 needs N a multiple of 16 and K of 32, got a weight of [{n}, {2 * half}]")
+    stripes, blocks = n // 16, half // 16
+    nibbles = torch.stack([codes & 15, codes >> 4], -1)  # [N, K/2, 2]: element 2b, 2b + 1
+    # [stripe, row, block, t, half (elements 8t..8t+3 or 8t+4..8t+7), i] -> [stripe, block, t, row, i]
+    e = nibbles.reshape(stripes, 16, blocks, 4, 2, 4)
+    packed = (e[:, :, :, :, 0] | (e[:, :, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)
+    packed_scales = scales if scales.dtype == torch.uint8 else scales.float()
+    groups = scales.shape[1]
+    packed_scales = packed_scales.reshape(stripes, 16, groups).transpose(1, 2)
+    return packed.contiguous().reshape(n, half), packed_scales.contiguous().reshape(n, groups)
+
+
 def mxfp4_linear_i8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """mxfp4_linear with x quantized to int8 per block of 32 (AVX512-VNNI; see the module docstring):
-    [..., N] in x's dtype. Needs vnni_available()."""
+    """mxfp4_linear with x quantized to int8 per block of 32 (AVX512-VNNI; see the module docstring),
+    the weight packed by pack_i8: [..., N] in x's dtype. Needs vnni_available()."""
     if torch.compiler.is_compiling():
         return torch.ops.specqd_cpu.mxfp4_linear_i8(x, codes, scales)
     return (_EXT or _require()).mxfp4_linear_i8(x, codes, scales)
 
 
 def int4_linear_i8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """int4_linear with x quantized to int8 per block of 32 (AVX512-VNNI): [..., N] in x's dtype.
-    Needs vnni_available()."""
+    """int4_linear with x quantized to int8 per block of 32 (AVX512-VNNI), the weight packed by
+    pack_i8: [..., N] in x's dtype. Needs vnni_available()."""
     if torch.compiler.is_compiling():
         return torch.ops.specqd_cpu.int4_linear_i8(x, codes, scales)
     return (_EXT or _require()).int4_linear_i8(x, codes, scales)

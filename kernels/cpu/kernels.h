@@ -66,19 +66,19 @@ bool built_with_bf16_dot();
 // ---- int8 activations, AVX512-VNNI (kernels_vnni.cpp; call only when cpu_has_avx512_vnni()) ------
 //
 // x [M, K] (fp32, or bf16 bits when x_bf16; K % 32 == 0) quantized to int8 per block of 32 with one fp32
-// scale each, laid out for the kernels: i8_scratch_bytes(M, K) bytes, 64-byte aligned, per group of 16
-// blocks and row kI8GroupBytes (kernels_vnni.cpp describes the layout). offset: 12 for the MXFP4
-// kernel, 8 for int4 (the bias of their unsigned weight bytes, taken back out per block).
-constexpr int64_t kI8GroupBytes = 640;
+// scale each: i8_row_bytes(K) bytes a row (kernels_vnni.cpp describes the layout), xp 64-byte aligned.
+// offset: 12 for the MXFP4 kernel, 8 for int4 (the bias of their unsigned weight bytes, taken back out
+// per block).
+int64_t i8_row_bytes(int64_t K);
 int64_t i8_scratch_bytes(int64_t M, int64_t K);
 void prep_i8(const void* x, bool x_bf16, int64_t M, int64_t K, int32_t offset, uint8_t* xp);
-// Output rows [n0, n1) of y [M, N], the weights as mxfp4_rows / int4_rows take them. Bit-identical across
-// M, row ranges and threads, as the exact kernels.
+// Output rows [n0, n1) of y [M, N] (n0, n1, N multiples of 16), the weights packed in stripes of 16
+// rows (cpu_kernels.pack_i8): codes [N, K/2] bytes; MXFP4 scales [N, K/32] E8M0 bytes, int4 scales
+// [N, K/group] fp32. Bit-identical across M, row ranges and threads, as the exact kernels.
 void mxfp4_i8_rows(const uint8_t* xp, int64_t M, int64_t K, const uint8_t* codes, const uint8_t* scales,
                    int64_t N, int64_t n0, int64_t n1, void* y, bool y_bf16);
-void int4_i8_rows(const uint8_t* xp, int64_t M, int64_t K, int64_t group, const uint8_t* codes,
-                  const uint16_t* scales, bool scales_f16, int64_t N, int64_t n0, int64_t n1, void* y,
-                  bool y_bf16);
+void int4_i8_rows(const uint8_t* xp, int64_t M, int64_t K, int64_t group, const uint8_t* codes, const float* scales,
+                  int64_t N, int64_t n0, int64_t n1, void* y, bool y_bf16);
 
 }  // namespace specqd_cpu
 

@@ -168,14 +168,6 @@ void check_int4(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
   TORCH_CHECK(scales.device().is_cpu(), what, ": CPU tensors expected");
 }
 
-// x (contiguous, M rows of K) quantized to int8 for the VNNI kernels, in scratch memory (held by
-// `keep` if big); offset as prep_i8 says.
-const uint8_t* int8_x(const at::Tensor& xc, int64_t M, int64_t K, int32_t offset, at::Tensor& keep) {
-  uint8_t* xp = static_cast<uint8_t*>(scratch(i8_scratch_bytes(M, K), keep));
-  prep_i8(xc.data_ptr(), xc.scalar_type() == at::kBFloat16, M, K, offset, xp);
-  return xp;
-}
-
 void check_vnni(const char* what) {
   TORCH_CHECK(cpu_has_avx512_vnni(), what, " needs AVX512-VNNI, which this CPU lacks; check vnni_available() first");
 }
@@ -203,26 +195,69 @@ at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& codes, const at::
   return y;
 }
 
-// mxfp4_linear with x quantized to int8 per block of 32 and integer dot products (AVX512-VNNI;
-// kernels_vnni.cpp gives the exact maths). Not the bits of mxfp4_linear: a level's choice.
-at::Tensor mxfp4_linear_i8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
-  check_mxfp4(x, codes, scales, "mxfp4_linear_i8");
-  check_vnni("mxfp4_linear_i8");
-  const int64_t N = codes.size(0), K = codes.size(1) * 2;
-  const at::Tensor xc = x.contiguous(), cc = codes.contiguous(), sc = scales.contiguous();
+namespace {
+
+// The packed weight of the int8 kernels (cpu_kernels.pack_i8): codes uint8 [N, K/2] and scales [N, S]
+// of `scale_type`, N a multiple of 16 (whole stripes).
+void check_packed(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, at::ScalarType scale_type,
+                  const char* what) {
+  check_common(x, codes, what);
+  check_vnni(what);
+  TORCH_CHECK(codes.scalar_type() == at::kByte && scales.scalar_type() == scale_type, what, ": packed codes uint8 ",
+              "and scales ", scale_type, " expected (cpu_kernels.pack_i8), got ", codes.scalar_type(), " and ",
+              scales.scalar_type());
+  TORCH_CHECK(codes.dim() == 2 && scales.dim() == 2 && codes.size(0) == scales.size(0), what,
+              ": codes and scales must be 2-D with one row per output");
+  TORCH_CHECK(codes.size(0) % 16 == 0, what, ": the packed weight has ", codes.size(0),
+              " rows, not a multiple of 16 (pack_i8 takes whole stripes)");
+  const int64_t K = codes.size(1) * 2, S = scales.size(1);
+  TORCH_CHECK(K % 32 == 0 && S > 0 && K % S == 0 && (K / S) % 32 == 0, what, ": scales ", scales.sizes(),
+              " do not match codes ", codes.sizes());
+  TORCH_CHECK(x.size(-1) == K, what, ": x has ", x.size(-1), " features, the weight ", K);
+  TORCH_CHECK(scales.device().is_cpu(), what, ": CPU tensors expected");
+  TORCH_CHECK(codes.is_contiguous() && scales.is_contiguous(), what, ": packed weights must be contiguous");
+}
+
+// y = x @ W.T, W packed as pack_i8 lays it out, x quantized to int8 per block of 32 (prep_i8): the
+// int8-activation kernels (AVX512-VNNI; kernels_vnni.cpp gives the exact maths). Not the bits of
+// mxfp4_linear / int4_linear: a level's choice. offset: the weights' unsigned bias (12 MXFP4, 8 int4).
+template <typename Rows>
+at::Tensor linear_i8(const at::Tensor& x, int64_t N, int64_t K, int32_t offset, int64_t bytes_per_row,
+                     const Rows& rows) {
+  const at::Tensor xc = x.contiguous();
   const int64_t M = leading_rows(xc);
   at::Tensor y = at::empty(out_shape(x, N), x.options());
   if (M == 0 || N == 0) return y;
-  if (K == 0) return y.zero_();
   const bool bf16 = x.scalar_type() == at::kBFloat16;
-
   at::Tensor keep;
-  const uint8_t* xp = int8_x(xc, M, K, 12, keep);
-  const uint8_t* cp = cc.data_ptr<uint8_t>();
-  const uint8_t* sp = sc.data_ptr<uint8_t>();
+  uint8_t* xp = static_cast<uint8_t*>(scratch(i8_scratch_bytes(M, K), keep));
+  prep_i8(xc.data_ptr(), bf16, M, K, offset, xp);
   void* yp = y.data_ptr();
-  for_rows(N, K / 2 + K / 32, [&](int64_t n0, int64_t n1) { mxfp4_i8_rows(xp, M, K, cp, sp, N, n0, n1, yp, bf16); });
+  for_rows(N, bytes_per_row, [&](int64_t n0, int64_t n1) { rows(xp, M, n0, n1, yp, bf16); });
   return y;
+}
+
+}  // namespace
+
+at::Tensor mxfp4_linear_i8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
+  check_packed(x, codes, scales, at::kByte, "mxfp4_linear_i8");
+  const int64_t N = codes.size(0), K = codes.size(1) * 2;
+  TORCH_CHECK(scales.size(1) == K / 32, "mxfp4_linear_i8: scales ", scales.sizes(), " do not match codes ",
+              codes.sizes());
+  const uint8_t *cp = codes.data_ptr<uint8_t>(), *sp = scales.data_ptr<uint8_t>();
+  return linear_i8(x, N, K, 12, K / 2 + K / 32, [&](const uint8_t* xp, int64_t M, int64_t n0, int64_t n1, void* y,
+                                                    bool bf16) { mxfp4_i8_rows(xp, M, K, cp, sp, N, n0, n1, y, bf16); });
+}
+
+at::Tensor int4_linear_i8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
+  check_packed(x, codes, scales, at::kFloat, "int4_linear_i8");
+  const int64_t N = codes.size(0), K = codes.size(1) * 2, group = K / scales.size(1);
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  return linear_i8(x, N, K, 8, K / 2 + 4 * scales.size(1),
+                   [&](const uint8_t* xp, int64_t M, int64_t n0, int64_t n1, void* y, bool bf16) {
+                     int4_i8_rows(xp, M, K, group, cp, sp, N, n0, n1, y, bf16);
+                   });
 }
 
 // y = x @ W.T with W in int4 (codes [N, K/2], scales bf16 or fp16 [N, K/G], int4.py's layout). x float32
@@ -246,30 +281,6 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   void* yp = y.data_ptr();
   for_rows(N, K / 2 + 2 * G,
            [&](int64_t n0, int64_t n1) { int4_rows(xp, M, K, group, cp, sp, f16, N, n0, n1, yp, bf16); });
-  return y;
-}
-
-// int4_linear with x quantized to int8 per block of 32 (AVX512-VNNI), as mxfp4_linear_i8.
-at::Tensor int4_linear_i8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
-  check_int4(x, codes, scales, "int4_linear_i8");
-  check_vnni("int4_linear_i8");
-  const int64_t N = codes.size(0), K = codes.size(1) * 2, G = scales.size(1);
-  const at::Tensor xc = x.contiguous(), cc = codes.contiguous(), sc = scales.contiguous();
-  const int64_t M = leading_rows(xc);
-  at::Tensor y = at::empty(out_shape(x, N), x.options());
-  if (M == 0 || N == 0) return y;
-  if (K == 0) return y.zero_();
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
-
-  at::Tensor keep;
-  const uint8_t* xp = int8_x(xc, M, K, 8, keep);
-  const uint8_t* cp = cc.data_ptr<uint8_t>();
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr());
-  const bool f16 = scales.scalar_type() == at::kHalf;
-  const int64_t group = K / G;
-  void* yp = y.data_ptr();
-  for_rows(N, K / 2 + 2 * G,
-           [&](int64_t n0, int64_t n1) { int4_i8_rows(xp, M, K, group, cp, sp, f16, N, n0, n1, yp, bf16); });
   return y;
 }
 

@@ -336,6 +336,8 @@ class _Watch:
         self.dicts, self.names, self.values = [], [], []
         self.sized, self.sizes = [], []
         self.modules, self.types, self.hooks = [], [], []
+        self.epoch = None  # the decoding loop's epoch this plan was last checked in (cpu_kernels.loop_epoch)
+        self.was_hooked = False
 
     def watch(self, d: dict, names: tuple | None = None):
         if names is None:
@@ -356,14 +358,29 @@ class _Watch:
             getattr(self, name).extend(getattr(other, name))
 
     def holds(self) -> bool:
-        return (
+        """Whether everything read is still there; inside a decoding loop, once per epoch
+        (cpu_kernels.decoding_loop says why), hooks included."""
+        epoch = cpu_kernels.loop_epoch()
+        if epoch is not None and epoch == self.epoch:
+            return True
+        ok = (
             all(map(is_, map(dict.get, self.dicts, self.names), self.values))
             and list(map(len, self.sized)) == self.sizes
             and list(map(type, self.modules)) == self.types
         )
+        self.epoch = epoch if ok else None
+        if self.epoch is not None:
+            self.was_hooked = self._hooked()
+        return ok
 
     def hooked(self) -> bool:
-        """Whether a hook would run (hooks are how tensor parallelism adds its all-reduces)."""
+        """Whether a hook would run (hooks are how tensor parallelism adds its all-reduces): as found by
+        the last holds() inside a decoding loop, else looked up now."""
+        if self.epoch is not None and self.epoch == cpu_kernels.loop_epoch():
+            return self.was_hooked
+        return self._hooked()
+
+    def _hooked(self) -> bool:
         return any(map(len, self.hooks)) or bool(_global_hooks[0] or _global_hooks[1])
 
 
@@ -580,6 +597,7 @@ def accelerate(model: nn.Module, enabled: bool = True, int8_activations: bool | 
         else:
             module.__dict__.pop("int8_activations", None)
             module.__dict__.pop("_i8_weight", None)
+    cpu_kernels.models_changed()  # classes and flags: no registration hook sees those
     return report
 
 

@@ -274,8 +274,9 @@ def autoregressive_decode(
             return sampling.greedy(logits)
         return sampling.sample(sampling.probs(logits, temperature, top_k, top_p), generator)
 
-    # Where the kernels run every linear, ATen's own small ops take one thread (serial_aten says why).
-    with cpu_kernels.serial_aten(cpu_kernels.decodes_on_kernels(level.model)):
+    # Where the kernels run every linear, ATen's own small ops take one thread (serial_aten says why);
+    # the models do not change between steps (decoding_loop).
+    with cpu_kernels.serial_aten(cpu_kernels.decodes_on_kernels(level.model)), cpu_kernels.decoding_loop():
         sync(level.device)
         t0 = time.perf_counter()
         level.reset(prompt.numel() + max_new_tokens)
@@ -529,9 +530,11 @@ class Speculation:
         limit = P + max_new_tokens
         stats = SpecStats(prompt_tokens=P, levels=self.stats)
 
-        # Where the kernels run every level's linears, ATen's own small ops take one thread (serial_aten).
+        # Where the kernels run every level's linears, ATen's own small ops take one thread (serial_aten);
+        # the models do not change between steps (decoding_loop).
         models = [level.model for level in self.levels if hasattr(level, "model")]
-        with cpu_kernels.serial_aten(all(cpu_kernels.decodes_on_kernels(m) for m in models)):
+        serial = cpu_kernels.serial_aten(all(cpu_kernels.decodes_on_kernels(m) for m in models))
+        with serial, cpu_kernels.decoding_loop():
             sync(self.device)
             t0 = time.perf_counter()
             self.buf = torch.zeros(limit, dtype=torch.long, device=self.device)

@@ -12,7 +12,7 @@ output rows), it reports the rows below; with
 int8_activations=True), measured in the same rounds as the exact ones (a before/after under one load):
   step ms      the median time of a one-token ModelLevel.forward (the fused blocks, the head and the
                float32 logits: what a draft or a plain decoding step costs; inside
-               cpu_kernels.serial_aten, as the decoding loops run it), after a prefill of
+               cpu_kernels.serial_aten and decoding_loop, as the decoding loops run it), after a prefill of
                --prefill tokens; every repeat writes the same position, so the attention span is fixed.
   linears ms   the same step's linears alone: every linear of the model (30 x wqkv, wo, w1, w3, w2 and
                the output head) called through the same kernel function the model uses on a random
@@ -187,14 +187,16 @@ def main(argv=None) -> dict:
                 passes[kind][0]()
         for _ in range(args.rounds):
             for kind in kinds:
-                # As decoding runs them: ATen's own ops on one thread, the kernels on all.
-                with cpu_kernels.serial_aten(cpu_kernels.decodes_on_kernels(models[kind])):
-                    time_steps(kind, step_ms)
-                    for _ in range(max(1, args.block // 2)):
-                        t0 = time.perf_counter()
-                        passes[kind][0]()
-                        lin_ms[kind].append(1e3 * (time.perf_counter() - t0))
-                time_steps(kind, threaded_ms)  # and with ATen on every thread, as before serial_aten
+                # As decoding runs them: ATen's own ops on one thread, the kernels on all, the fused
+                # plans checked once (decoding_loop).
+                with cpu_kernels.decoding_loop():
+                    with cpu_kernels.serial_aten(cpu_kernels.decodes_on_kernels(models[kind])):
+                        time_steps(kind, step_ms)
+                        for _ in range(max(1, args.block // 2)):
+                            t0 = time.perf_counter()
+                            passes[kind][0]()
+                            lin_ms[kind].append(1e3 * (time.perf_counter() - t0))
+                    time_steps(kind, threaded_ms)  # and with ATen on every thread, as before serial_aten
     load_after = os.getloadavg()
 
     results = {}

@@ -553,6 +553,56 @@ def test_fused_block_gives_the_eager_bits(kernels, fmt, monkeypatch):
     assert calls[accel.FastBlock][:2] == [False, True]
 
 
+def test_a_decoding_loop_checks_the_fused_plan_once_per_epoch(kernels):
+    """Inside cpu_kernels.decoding_loop the stack's plan is checked once, then trusted; replacing a
+    layer there (a module registration), or accelerate(), starts a new epoch and the plan is read
+    again, so what runs is still what the model holds. Outside a loop every call checks."""
+    import accel
+    from model import ModelArgs, Transformer
+
+    torch.manual_seed(0)
+    args = ModelArgs(block_size=64, vocab_size=300, n_layer=2, n_head=4, n_local_heads=2, dim=128)
+    model = Transformer(args).to(torch.bfloat16).eval().requires_grad_(False)
+    accel.accelerate(model)
+    model.setup_caches(1, 64)
+    ids = torch.randint(0, 300, (1, 8), generator=torch.Generator().manual_seed(1))
+
+    def step(i):
+        with torch.no_grad():
+            return model(ids[:, i : i + 1], torch.tensor([i]))
+
+    def poison(plan):  # a plan that no longer holds if it is checked
+        plan.sizes = [-1] + plan.sizes[1:]
+
+    assert cpu_kernels.loop_epoch() is None
+    step(0)
+    plan = model.__dict__["_fused_plan"]
+    poison(plan)
+    step(1)
+    assert model.__dict__["_fused_plan"] is not plan  # outside a loop: checked, found stale, remade
+    with cpu_kernels.decoding_loop():
+        step(2)  # a new epoch: checked once
+        plan = model.__dict__["_fused_plan"]
+        assert plan.epoch == cpu_kernels.loop_epoch()
+        poison(plan)
+        step(3)
+        assert model.__dict__["_fused_plan"] is plan  # trusted within the epoch
+        # A layer replaced inside the loop: a registration, a new epoch, the plan read again.
+        ffn = model.layers[0].feed_forward
+        ffn.w2 = accel.FastLinear(ffn.w2.in_features, ffn.w2.out_features, bias=False).to(torch.bfloat16)
+        with pytest.MonkeyPatch.context() as mp:  # the eager path (it writes the same cache slot alike)
+            mp.setattr(accel.FastTransformer, "_fused", lambda self, *a: None)
+            mp.setattr(accel.FastBlock, "_fused", lambda self, *a: None)
+            eager = step(4)
+        assert torch.equal(step(4), eager)  # the replaced layer ran in the fused call
+        assert model.__dict__["_fused_plan"] is not plan
+        plan = model.__dict__["_fused_plan"]
+        poison(plan)
+        accel.accelerate(model)  # classes and flags: announced by accelerate itself
+        step(5)
+        assert model.__dict__["_fused_plan"] is not plan
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_smollm2_verification_forward_equals_single_steps(kernels, smollm2, dtype):

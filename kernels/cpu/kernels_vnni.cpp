@@ -59,7 +59,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
 #include "kernels.h"
 
@@ -85,12 +84,8 @@ bool cpu_has_avx512_vnni() {
 
 namespace {
 
-inline __mmask16 first_lanes16(int64_t n) {
-  return static_cast<__mmask16>(n >= 16 ? 0xFFFFu : n <= 0 ? 0u : (1u << n) - 1u);
-}
-
 // Software prefetch this far ahead in a stripe's codes (one sequential stream per thread): without it
-// the stream ran 10% slower on the Zen 5 above; 1 KB and 8 KB did as well as 4 KB.
+// the stream ran 10% slower on the Xeon above; 1 KB and 8 KB did as well as 4 KB.
 constexpr int64_t kPrefetchBytes = 4096;
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
@@ -104,7 +99,7 @@ VNNI_INLINE __m256i to_bf16(__m512 v) {
 }
 
 // A stripe's 16 MXFP4 block scales as the exponents s - 128 of sw = 2^(s - 128) (the e_i carry a factor
-// 2), as fp32; NaN for 255. finish multiplies by sw with vscalefps.
+// 2), as fp32; NaN for 255. i8_stripes multiplies by sw with vscalefps.
 VNNI_INLINE __m512 mxfp4_exponents(const uint8_t* s) {
   const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
   const __m512 exponent = _mm512_sub_ps(_mm512_cvtepi32_ps(e), _mm512_set1_ps(128.0f));
@@ -112,7 +107,8 @@ VNNI_INLINE __m512 mxfp4_exponents(const uint8_t* s) {
 }
 
 // Output rows [16 s0, 16 s1) of y for MR activation rows (xp: row 0's prepared activations, row m at
-// m * i8_row_bytes(K)). cv, sv: the packed codes and scales (pack_i8_*); int4: `group` elements a scale.
+// m * i8_row_bytes(K)). cv, sv: the packed codes and scales (cpu_kernels.pack_i8); int4: `group`
+// elements a scale.
 template <bool MX, int MR>
 VNNI void i8_stripes(const uint8_t* xp, int64_t K, int64_t group, const uint8_t* cv, const void* sv, int64_t s0,
                      int64_t s1, void* y, int64_t ldy, bool y_bf16) {

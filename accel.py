@@ -288,11 +288,13 @@ def _fused_plan(module, make, x, freqs, mask):
 
 
 class FastTransformer(M.Transformer):
-    """model.Transformer whose layer loop, on the cached path, is one C++ call (kernels/cpu/block.cpp's
-    blocks(): each FastBlock's fused call in turn). Python's ~40 us around each block call (the module
-    call, FastBlock's checks, converting its arguments) cost 1.2-1.6 ms of a SmolLM2 step; a third of
-    an MXFP4 draft step's time outside the weights. Where any block would step aside (FastBlock says
-    when), all of them run as modules, one by one. The rest is Transformer.forward as written."""
+    """model.Transformer whose cached path, after the embedding, is one C++ call (kernels/cpu/block.cpp's
+    Stack: each FastBlock's fused call in turn, then the final norm and the output head where they have
+    kernels), its weights bound once. Python's ~40 us around each block call (the module call,
+    FastBlock's checks, converting its arguments) cost 1.2-1.6 ms of a SmolLM2 step, a third of an MXFP4
+    draft step's time outside the weights; passing every layer's weights on each call and the norm and
+    head module calls, another 0.3-0.5 ms. Where any block would step aside (FastBlock says when), all of
+    them run as modules, one by one. The rest is Transformer.forward as written."""
 
     def forward(self, idx, input_pos=None, mask=None, positions=None, last=None):
         x = self.tok_embeddings(idx)
@@ -304,9 +306,12 @@ class FastTransformer(M.Transformer):
             freqs = self.freqs_cis[input_pos if positions is None else positions]
             if mask is None:
                 mask = self.causal_mask[input_pos]
-        fused = None if input_pos is None else self._fused(x, freqs, input_pos, mask)
-        if fused is not None:
-            x = fused
+        plan = None if input_pos is None else self._fused(x, freqs, input_pos, mask)
+        if plan is not None and plan.with_head:
+            self.features, logits = plan.stack.forward(x, input_pos, freqs, mask, last or 0)
+            return logits
+        if plan is not None:
+            x = plan.stack.blocks(x, input_pos, freqs, mask)
         else:
             for layer in self.layers:
                 x = layer(x, freqs, input_pos, mask)
@@ -317,13 +322,8 @@ class FastTransformer(M.Transformer):
         return self.output(x)
 
     def _fused(self, x, freqs, input_pos, mask):
-        plan = _fused_plan(self, _StackPlan, x, freqs, mask)
-        if plan is None:
-            return None
-        w, kinds, k_caches, v_caches, n_head, n_kv, head_dim, eps = plan.args
-        return cpu_kernels.blocks(
-            x, w, kinds, k_caches, v_caches, input_pos, freqs, mask, n_head, n_kv, head_dim, eps
-        )
+        """The plan of the one call for this input, or None where the blocks run one by one."""
+        return _fused_plan(self, _StackPlan, x, freqs, mask)
 
 
 class _Watch:
@@ -338,6 +338,11 @@ class _Watch:
         self.modules, self.types, self.hooks = [], [], []
         self.epoch = None  # the decoding loop's epoch this plan was last checked in (cpu_kernels.loop_epoch)
         self.was_hooked = False
+
+    def __reduce__(self):
+        # A copied or pickled module reads its own plan on its first call (a plan holds a C++ object and
+        # what it was read from, which a copy does not share).
+        return _no_plan, ()
 
     def watch(self, d: dict, names: tuple | None = None):
         if names is None:
@@ -382,6 +387,10 @@ class _Watch:
 
     def _hooked(self) -> bool:
         return any(map(len, self.hooks)) or bool(_global_hooks[0] or _global_hooks[1])
+
+
+def _no_plan():
+    return None
 
 
 _global_hooks = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
@@ -433,23 +442,31 @@ class _BlockPlan(_Watch):
 
 
 class _StackPlan(_Watch):
-    """FastTransformer's one call for all its blocks: their plans' arguments concatenated (each block
-    keeps its own plan too, for its own calls), and one check for all of them. args is None where a
-    block is not a FastBlock, cannot be fused, or the blocks' shapes differ."""
+    """FastTransformer's one call (stack: cpu_kernels.stack): its blocks' plans' arguments concatenated
+    (each block keeps its own plan too, for its own calls), and one check for all of them; with_head
+    where the final norm and the output head run in the same call (a FastRMSNorm and a linear with a
+    kernel: cpu_spec). stack is None where a block is not a FastBlock, cannot be fused, or the blocks'
+    shapes differ."""
 
     def __init__(self, model):
         super().__init__()
-        layers = model._modules["layers"]
-        self.watch(model._modules, ("layers",))
+        mods = model._modules
+        layers, norm, output = mods["layers"], mods["norm"], mods["output"]
+        self.watch(mods, ("layers", "norm", "output"))
         self.watch(layers._modules)
         blocks = list(layers._modules.values())
-        self.watch_modules(*blocks)
+        self.watch_modules(*blocks, norm, output)
+        for m in (norm, output):
+            self.watch(m._parameters)
+            self.watch(m._buffers)
+            self.watch(m.__dict__, ("int8_activations", "_i8_weight", "eps"))
         plans = [_BlockPlan(b) if type(b) is FastBlock else None for b in blocks]
         for block, plan in zip(blocks, plans):
             if plan is not None:
                 block.__dict__["_fused_plan"] = plan
                 self.absorb(plan)
-        self.args = None
+        self.args = self.stack = None
+        self.with_head = False
         if not plans or any(p is None or p.args is None for p in plans):
             return
         shapes = {p.args[4:] + (p.cache_dtype,) for p in plans}  # heads, kv heads, head_dim, eps, cache dtype
@@ -462,6 +479,13 @@ class _StackPlan(_Watch):
             [p.args[2] for p in plans],
             [p.args[3] for p in plans],
             *plans[0].args[4:],
+        )
+        head = _linear_spec(output) if type(output) in (FastLinear, FastMXFP4Linear, FastInt4Linear) else None
+        self.with_head = type(norm) is FastRMSNorm and cpu_kernels.usable(norm.weight) and head is not None
+        self.stack = cpu_kernels.stack(
+            *self.args,
+            norm=(norm.weight, norm.eps) if self.with_head else None,
+            head=head if self.with_head else None,
         )
 
 

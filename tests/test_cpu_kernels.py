@@ -521,12 +521,16 @@ def test_fused_block_gives_the_eager_bits(kernels, fmt, monkeypatch):
             monkeypatch.setattr(twin, "_fused", counting(twin) if on else lambda self, *a: None)
             calls[twin].clear()
         model.setup_caches(1, 64)
+        forwards = [
+            ((ids[:, :5], torch.arange(5)), {}),
+            ((ids[:, 5:9], torch.arange(5, 9)), {"last": 2}),
+            ((ids[:, 9:12], torch.tensor([20, 21, 22]), tree_mask, torch.tensor([9, 10, 10])), {}),
+        ] + [((ids[:, i : i + 1], torch.tensor([i])), {}) for i in range(9, 12)]
+        out = []
         with torch.no_grad():
-            return (
-                [model(ids[:, :5], torch.arange(5)), model(ids[:, 5:9], torch.arange(5, 9))]
-                + [model(ids[:, 9:12], torch.tensor([20, 21, 22]), tree_mask, torch.tensor([9, 10, 10]))]
-                + [model(ids[:, i : i + 1], torch.tensor([i])) for i in range(9, 12)]
-            )
+            for a, kw in forwards:  # the logits, and the final-normed states a feature head reads
+                out += [model(*a, **kw), model.features]
+        return out
 
     def same(a, b):
         return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
@@ -545,6 +549,12 @@ def test_fused_block_gives_the_eager_bits(kernels, fmt, monkeypatch):
     eager = run(stack=False, blocks=False)
     assert same(run(stack=False, blocks=True), eager) and all(calls[accel.FastBlock])
     assert same(run(stack=True, blocks=True), eager) and all(calls[accel.FastTransformer])
+    assert model.__dict__["_fused_plan"].with_head  # the final norm and the head ran in the same call
+    # A head without a kernel (here: a bias) runs as a module after the stack's blocks.
+    model.output = accel.FastLinear(128, 300, bias=True).to(torch.bfloat16)
+    eager = run(stack=False, blocks=False)
+    assert same(run(stack=True, blocks=True), eager) and all(calls[accel.FastTransformer])
+    assert not model.__dict__["_fused_plan"].with_head
     # A forward hook (tensor parallelism's all-reduce is one) sends its block back to the eager path,
     # and the stack steps aside for the blocks to decide one by one.
     model.layers[0].attention.register_forward_hook(lambda m, a, out: out)

@@ -494,12 +494,18 @@ def block(x, weights, kinds, k_cache, v_cache, input_pos, freqs, mask, n_head, n
     )  # fmt: skip
 
 
-def blocks(x, weights, kinds, k_caches, v_caches, input_pos, freqs, mask, n_head, n_kv_head, head_dim, eps):
-    """block() for every layer in turn, in one call: weights and kinds are the layers' block() lists
-    concatenated (12 tensors and 5 kinds a layer), k_caches and v_caches one tensor a layer."""
-    return (_EXT or _require()).blocks(
-        x, weights, kinds, k_caches, v_caches, input_pos, freqs, mask, n_head, n_kv_head, head_dim, eps,
-        head_dim**-0.5,
+def stack(weights, kinds, k_caches, v_caches, n_head, n_kv_head, head_dim, eps, norm=None, head=None):
+    """A model's cached forward after the embedding with its weights bound once (block.cpp's Stack):
+    weights and kinds are the layers' block() lists concatenated (12 tensors and 5 kinds a layer),
+    k_caches and v_caches one tensor a layer; norm (weight, eps) and head (kind, a, b) as block() takes
+    a linear, or None. Its blocks(x, input_pos, freqs, mask) runs every block in turn; with a norm and a
+    head, forward(x, input_pos, freqs, mask, last) runs them too and returns (features, logits) as
+    model.Transformer.forward computes them (last = 0: logits for every token)."""
+    norm_w, norm_eps = norm if norm is not None else (torch.empty(0), 0.0)
+    kind, a, b = head if head is not None and norm is not None else (-1, torch.empty(0), torch.empty(0))
+    return (_EXT or _require()).Stack(
+        weights, kinds, k_caches, v_caches, n_head, n_kv_head, head_dim, eps, head_dim**-0.5,
+        norm_w, norm_eps, kind, a, b,
     )  # fmt: skip
 
 

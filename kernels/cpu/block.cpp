@@ -13,6 +13,8 @@
 #include <torch/extension.h>
 
 #include <cstring>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"
@@ -171,24 +173,81 @@ at::Tensor block(const at::Tensor& x, const std::vector<at::Tensor>& w, const st
   return h + lin(4, at::silu(lin(2, f)) * lin(3, f));
 }
 
-// Every block of a model in turn (Transformer.forward's layer loop): block() per layer, with the flat
-// lists holding 12 weights, 5 kinds and one cache pair per layer. A Python loop of FastBlock calls costs
-// ~40 us a block around the same work (module call, checks, argument conversion): 1.2-1.6 ms of a
-// SmolLM2 step, as much as a third of an MXFP4 draft step's non-weight part.
-at::Tensor blocks(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<int64_t>& kinds,
-                  const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
-                  const at::Tensor& input_pos, const at::Tensor& freqs, const at::Tensor& mask, int64_t n_head,
-                  int64_t n_kv, int64_t head_dim, double eps, double scale) {
-  const size_t layers = k_caches.size();
-  TORCH_CHECK(v_caches.size() == layers && w.size() == 12 * layers && kinds.size() == 5 * layers,
-              "blocks: 12 weights, 5 kinds and a cache pair per layer expected");
-  at::Tensor h = x;
-  for (size_t l = 0; l < layers; ++l) {
-    const std::vector<at::Tensor> wl(w.begin() + 12 * l, w.begin() + 12 * (l + 1));
-    const std::vector<int64_t> kl(kinds.begin() + 5 * l, kinds.begin() + 5 * (l + 1));
-    h = block(h, wl, kl, k_caches[l], v_caches[l], input_pos, freqs, mask, n_head, n_kv, head_dim, eps, scale);
+// FastTransformer's cached forward after the embedding, its weights bound once (accel._StackPlan makes
+// one per model): every block in turn (block() per layer), then, where the model's final norm and
+// output head have kernels, those too. Why bound: a Python loop of FastBlock calls cost ~40 us a block
+// (1.2-1.6 ms of a SmolLM2 step); then one call passing the ~600 tensors and numbers of all the layers,
+// plus the norm and head module calls, still cost ~0.3-0.5 ms of a step (Python objects read again
+// right after the weights had streamed through the caches). Now a call passes the four per-step inputs.
+class Stack {
+ public:
+  // w, kinds: block()'s lists for every layer, concatenated (12 tensors and 5 kinds a layer); a cache
+  // pair per layer; head_kind: linear()'s kind for the head (a, b), or -1 to leave the norm and head
+  // to the caller.
+  Stack(const std::vector<at::Tensor>& w, const std::vector<int64_t>& kinds, std::vector<at::Tensor> k_caches,
+        std::vector<at::Tensor> v_caches, int64_t n_head, int64_t n_kv, int64_t head_dim, double eps, double scale,
+        at::Tensor norm, double norm_eps, int64_t head_kind, at::Tensor head_a, at::Tensor head_b)
+      : k_caches_(std::move(k_caches)),
+        v_caches_(std::move(v_caches)),
+        n_head_(n_head),
+        n_kv_(n_kv),
+        head_dim_(head_dim),
+        eps_(eps),
+        scale_(scale),
+        norm_(std::move(norm)),
+        norm_eps_(norm_eps),
+        head_kind_(head_kind),
+        head_a_(std::move(head_a)),
+        head_b_(std::move(head_b)) {
+    const size_t layers = k_caches_.size();
+    TORCH_CHECK(v_caches_.size() == layers && w.size() == 12 * layers && kinds.size() == 5 * layers,
+                "Stack: 12 weights, 5 kinds and a cache pair per layer expected");
+    for (size_t l = 0; l < layers; ++l) {
+      w_.emplace_back(w.begin() + 12 * l, w.begin() + 12 * (l + 1));
+      kinds_.emplace_back(kinds.begin() + 5 * l, kinds.begin() + 5 * (l + 1));
+    }
   }
-  return h;
+
+  at::Tensor blocks(const at::Tensor& x, const at::Tensor& input_pos, const at::Tensor& freqs,
+                    const at::Tensor& mask) const {
+    at::Tensor h = x;
+    for (size_t l = 0; l < w_.size(); ++l)
+      h = block(h, w_[l], kinds_[l], k_caches_[l], v_caches_[l], input_pos, freqs, mask, n_head_, n_kv_, head_dim_,
+                eps_, scale_);
+    return h;
+  }
+
+  // (the final-normed hidden states of every token, the head's logits for the last `last` tokens, or
+  // all of them for last = 0 or past T): Transformer.forward's result and its `features`.
+  std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& input_pos,
+                                             const at::Tensor& freqs, const at::Tensor& mask, int64_t last) const {
+    TORCH_CHECK(head_kind_ >= 0, "Stack.forward: this stack has no head (call blocks)");
+    const at::Tensor features = rms_norm(blocks(x, input_pos, freqs, mask), norm_, norm_eps_);
+    const int64_t T = features.size(1);
+    TORCH_CHECK(last >= 0, "Stack.forward: last = ", last, " (0: every token)");
+    const at::Tensor rows = last == 0 || last >= T ? features : features.narrow(1, T - last, last);
+    return {features, linear(head_kind_, rows, head_a_, head_b_)};
+  }
+
+ private:
+  std::vector<std::vector<at::Tensor>> w_;
+  std::vector<std::vector<int64_t>> kinds_;
+  std::vector<at::Tensor> k_caches_, v_caches_;
+  int64_t n_head_, n_kv_, head_dim_;
+  double eps_, scale_;
+  at::Tensor norm_;
+  double norm_eps_;
+  int64_t head_kind_;
+  at::Tensor head_a_, head_b_;
+};
+
+void bind_stack(pybind11::module& m) {
+  pybind11::class_<Stack>(m, "Stack", "a model's cached forward after the embedding, its weights bound once")
+      .def(pybind11::init<const std::vector<at::Tensor>&, const std::vector<int64_t>&, std::vector<at::Tensor>,
+                          std::vector<at::Tensor>, int64_t, int64_t, int64_t, double, double, at::Tensor, double,
+                          int64_t, at::Tensor, at::Tensor>())
+      .def("blocks", &Stack::blocks, "every block in turn")
+      .def("forward", &Stack::forward, "every block, the final norm and the head: (features, logits)");
 }
 
 // Cache slots [start, end) of every src[i] into dst[i] (caches [B, H, S, D], contiguous, slots along

@@ -19,10 +19,7 @@ at::Tensor block(const at::Tensor& x, const std::vector<at::Tensor>& w, const st
                  at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& input_pos, const at::Tensor& freqs,
                  const at::Tensor& mask, int64_t n_head, int64_t n_kv, int64_t head_dim, double eps,
                  double scale);                                                   // block.cpp
-at::Tensor blocks(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<int64_t>& kinds,
-                  const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
-                  const at::Tensor& input_pos, const at::Tensor& freqs, const at::Tensor& mask, int64_t n_head,
-                  int64_t n_kv, int64_t head_dim, double eps, double scale);
+void bind_stack(pybind11::module& m);  // block.cpp: class Stack
 void copy_slots(const std::vector<at::Tensor>& dst, const std::vector<at::Tensor>& src, int64_t start,
                 int64_t end);  // block.cpp
 
@@ -437,7 +434,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "model.py's RMSNorm in one call", py::arg("x"), py::arg("weight"), py::arg("eps"));
   m.def("rope", &rope, "model.py's apply_rope in one call", py::arg("x"), py::arg("freqs"));
   m.def("block", &block, "model.py's TransformerBlock (cached path) in one call");
-  m.def("blocks", &blocks, "every TransformerBlock of a model (cached path) in one call");
+  bind_stack(m);
   m.def("set_threads", [](int n) { g_pool_threads.store(n > 0 ? n : 0); }, "the pool's threads; 0: torch's");
   m.def("pool_threads", &pool_threads, "the threads the kernels use");
   m.def("copy_slots", &copy_slots, "cache slots [start, end) of every src into dst", py::arg("dst"), py::arg("src"),

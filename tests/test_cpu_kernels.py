@@ -479,11 +479,11 @@ def test_rms_norm_and_rope_follow_the_model(kernels, dtype):
     assert torch.equal(kernels.rope(q, freqs), expected)  # the same operations in the same order
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "mxfp4", "int4"])
+@pytest.mark.parametrize("fmt", ["bf16", "mxfp4", "int4", "mxfp4-fp32"])
 def test_fused_block_gives_the_eager_bits(kernels, fmt, monkeypatch):
     """block.cpp runs model.py's TransformerBlock in one call, and all the blocks of a model in another:
-    the same bits as the eager path, for every weight format and token count, and they step aside where
-    they must (hooks)."""
+    the same bits as the eager path, for every weight format, activation dtype and token count, and they
+    step aside where they must (hooks)."""
     import accel
     import int4
     import mxfp4
@@ -491,7 +491,9 @@ def test_fused_block_gives_the_eager_bits(kernels, fmt, monkeypatch):
 
     torch.manual_seed(0)
     args = ModelArgs(block_size=64, vocab_size=300, n_layer=2, n_head=4, n_local_heads=2, dim=128)
-    model = Transformer(args).to(torch.bfloat16).eval().requires_grad_(False)
+    dtype = torch.float32 if fmt.endswith("fp32") else torch.bfloat16
+    model = Transformer(args).to(dtype).eval().requires_grad_(False)
+    fmt = fmt.removesuffix("-fp32")
     model = {"bf16": model, "mxfp4": mxfp4.quantize_model(model), "int4": int4.quantize_model(model)}[fmt]
     accel.accelerate(model)
     ids = torch.randint(0, 300, (1, 12))
@@ -545,13 +547,13 @@ def test_fused_block_gives_the_eager_bits(kernels, fmt, monkeypatch):
     # replaced after a forward is still what runs.
     ffn = model.layers[0].feed_forward
     ffn.w2 = accel.FastLinear(ffn.w2.in_features, ffn.w2.out_features, bias=False).to(torch.bfloat16)
-    model.layers[1].attention_norm.weight = torch.nn.Parameter(torch.full((128,), 0.5, dtype=torch.bfloat16))
+    model.layers[1].attention_norm.weight = torch.nn.Parameter(torch.full((128,), 0.5, dtype=dtype))
     eager = run(stack=False, blocks=False)
     assert same(run(stack=False, blocks=True), eager) and all(calls[accel.FastBlock])
     assert same(run(stack=True, blocks=True), eager) and all(calls[accel.FastTransformer])
     assert model.__dict__["_fused_plan"].with_head  # the final norm and the head ran in the same call
     # A head without a kernel (here: a bias) runs as a module after the stack's blocks.
-    model.output = accel.FastLinear(128, 300, bias=True).to(torch.bfloat16)
+    model.output = accel.FastLinear(128, 300, bias=True).to(dtype)
     eager = run(stack=False, blocks=False)
     assert same(run(stack=True, blocks=True), eager) and all(calls[accel.FastTransformer])
     assert not model.__dict__["_fused_plan"].with_head

@@ -125,6 +125,7 @@ __all__ = [
 
 _SOURCES = (
     "ops.cpp", "kernels_avx512.cpp", "kernels_vnni.cpp", "attention_avx512.cpp", "norm_rope.cpp", "block.cpp",
+    "glue_avx512.cpp",
 )  # fmt: skip
 _HEADERS = ("kernels.h", "thread_pool.h", "scalar.h")
 # -O3 and nothing target-specific: the kernels carry their own target attributes and are only called

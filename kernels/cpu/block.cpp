@@ -18,7 +18,6 @@
 #include <vector>
 
 #include "kernels.h"
-#include "scalar.h"
 
 namespace specqd_cpu {
 
@@ -48,14 +47,13 @@ at::Tensor linear(int64_t kind, const at::Tensor& x, const at::Tensor& a, const 
   TORCH_CHECK(false, "block: unknown linear kind ", kind);
 }
 
-using scalar::View;
-
-// The decode step's usual case, with its glue in plain loops: batch 1, x contiguous in the dtype of the
-// norm weights (so that every intermediate stays in x's dtype), int64 cache slots. Each loop does what
-// the ATen operation it replaces does, element by element, with the same roundings: the residual adds
-// and the SwiGLU product in fp32 rounded to x's dtype, RoPE as model.py (scalar::rope_row), the cache
+// The decode step's usual case, with its glue in loops: batch 1, x contiguous in the dtype of the norm
+// weights (so that every intermediate stays in x's dtype), int64 cache slots. Each loop does what the
+// ATen operation it replaces does, element by element, with the same roundings: the residual adds and
+// the SwiGLU product in fp32 rounded to x's dtype, RoPE as model.py (scalar::rope_row), the cache
 // written in its dtype, attention's fp32 output rounded to x's dtype. What it saves is the ~20 ATen
-// calls per block (views, splits, index_copy_, transposes, small adds), a few microseconds each.
+// calls per block (views, splits, index_copy_, transposes, small adds), a few microseconds each. The
+// loops are glue_avx512.cpp's (scalar.h's loops 16 elements at a time, the same bits).
 bool glue_in_loops(const at::Tensor& x, const std::vector<at::Tensor>& w, const at::Tensor& k_cache,
                    const at::Tensor& v_cache, const at::Tensor& input_pos, const at::Tensor& freqs,
                    const at::Tensor& mask, int64_t n_kv, int64_t head_dim) {
@@ -70,15 +68,7 @@ bool glue_in_loops(const at::Tensor& x, const std::vector<at::Tensor>& w, const 
          input_pos.is_contiguous() && freqs.scalar_type() == at::kFloat && freqs.is_contiguous() &&
          freqs.dim() == 3 && freqs.size(0) == x.size(1) && freqs.size(1) == head_dim / 2 &&
          mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == x.size(1) &&
-         mask.size(1) == k_cache.size(2) && head_dim % 16 == 0 && head_dim <= 256;
-}
-
-// y = a + b elementwise in a's dtype (fp32 sum, rounded), into out (which may be b).
-void add_into(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
-  const bool bf = a.scalar_type() == at::kBFloat16;
-  const View av{a.data_ptr(), bf}, bv{b.data_ptr(), bf};
-  void* o = out.data_ptr();
-  for (int64_t i = 0, n = a.numel(); i < n; ++i) scalar::store(o, i, av[i] + bv[i], bf);
+         mask.size(1) == k_cache.size(2) && head_dim % 16 == 0 && head_dim <= 256 && cpu_has_avx512();
 }
 
 }  // namespace
@@ -100,10 +90,9 @@ at::Tensor block(const at::Tensor& x, const std::vector<at::Tensor>& w, const st
       TORCH_CHECK(pos[t] >= 0 && pos[t] < S, "block: cache slot ", pos[t], " outside the cache of ", S);
     auto norm = [&](const at::Tensor& in, const at::Tensor& weight) {
       at::Tensor out = at::empty_like(in);
-      const View wv{weight.data_ptr(), xb};
       for (int64_t t = 0; t < T; ++t)
-        scalar::rms_norm_row({static_cast<const char*>(in.data_ptr()) + t * C * xe, xb}, wv, C,
-                             static_cast<float>(eps), static_cast<char*>(out.data_ptr()) + t * C * xe, xb);
+        glue_norm(static_cast<const char*>(in.data_ptr()) + t * C * xe, weight.data_ptr(), C,
+                  static_cast<float>(eps), static_cast<char*>(out.data_ptr()) + t * C * xe, xb);
       return out;
     };
 
@@ -114,20 +103,15 @@ at::Tensor block(const at::Tensor& x, const std::vector<at::Tensor>& w, const st
     const float* f = freqs.data_ptr<float>();
     char *qp = static_cast<char*>(q.data_ptr()), *kp = static_cast<char*>(k_cache.data_ptr()),
          *vp = static_cast<char*>(v_cache.data_ptr());
-    std::vector<float> r(D);
     for (int64_t t = 0; t < T; ++t) {
       const char* row = qkv_p + t * N * xe;
       const float* ft = f + t * half * 2;
-      for (int64_t h = 0; h < n_head; ++h) {
-        scalar::rope_row({row + h * D * xe, xb}, ft, half, r.data());
-        for (int64_t i = 0; i < D; ++i) scalar::store(qp + (h * T + t) * D * xe, i, r[i], xb);
-      }
+      for (int64_t h = 0; h < n_head; ++h)
+        glue_rope(row + h * D * xe, ft, half, qp + (h * T + t) * D * xe, xb, xb);
       for (int64_t g = 0; g < n_kv; ++g) {
         const int64_t slot = (g * S + pos[t]) * D * ce;
-        scalar::rope_row({row + (q_size + g * D) * xe, xb}, ft, half, r.data());
-        for (int64_t i = 0; i < D; ++i) scalar::store(kp + slot, i, r[i], cb);
-        const View v{row + (q_size + kv_size + g * D) * xe, xb};
-        for (int64_t i = 0; i < D; ++i) scalar::store(vp + slot, i, v[i], cb);
+        glue_rope(row + (q_size + g * D) * xe, ft, half, kp + slot, xb, cb);
+        glue_convert(row + (q_size + kv_size + g * D) * xe, xb, vp + slot, cb, D);
       }
     }
     const at::Tensor mc = mask.contiguous();
@@ -139,22 +123,18 @@ at::Tensor block(const at::Tensor& x, const std::vector<at::Tensor>& w, const st
     char* yp = static_cast<char*>(y.data_ptr());
     for (int64_t t = 0; t < T; ++t)
       for (int64_t h = 0; h < n_head; ++h)
-        for (int64_t i = 0; i < D; ++i) scalar::store(yp + (t * q_size + h * D) * xe, i, ap[(h * T + t) * D + i], xb);
+        glue_convert(ap + (h * T + t) * D, false, yp + (t * q_size + h * D) * xe, xb, D);
     at::Tensor hid = lin(1, y);
-    add_into(x, hid, hid);
+    glue_add(x.data_ptr(), hid.data_ptr(), hid.data_ptr(), hid.numel(), xb);
 
     // Feed-forward: silu by ATen (its exp is torch's), the product and the residual here.
     const at::Tensor fn = norm(hid, w[1]);
     at::Tensor gate = lin(2, fn);
     const at::Tensor up = lin(3, fn);
     at::silu_(gate);
-    {
-      const View gv{gate.data_ptr(), xb}, uv{up.data_ptr(), xb};
-      void* gp = gate.data_ptr();
-      for (int64_t i = 0, n = gate.numel(); i < n; ++i) scalar::store(gp, i, gv[i] * uv[i], xb);
-    }
+    glue_mul(gate.data_ptr(), up.data_ptr(), gate.data_ptr(), gate.numel(), xb);
     at::Tensor out = lin(4, gate);
-    add_into(hid, out, out);
+    glue_add(hid.data_ptr(), out.data_ptr(), out.data_ptr(), out.numel(), xb);
     return out;
   }
 

@@ -100,4 +100,14 @@ struct AttentionArgs {
 // Output rows [r0, r1) of the B * H * T rows; scratch: S floats and S int32 per calling thread.
 void attention_rows(const AttentionArgs& a, int64_t r0, int64_t r1, float* scores, int32_t* slots);
 
+// ---- the fused block's elementwise glue (glue_avx512.cpp) ----------------------------------------
+// scalar.h's loops 16 elements at a time, the same bits; n elements, fp32 or bf16 (bf16 = true) each.
+void glue_add(const void* a, const void* b, void* out, int64_t n, bool bf16);  // out = a + b (out may be b)
+void glue_mul(const void* a, const void* b, void* out, int64_t n, bool bf16);  // out = a * b (out may be a)
+void glue_convert(const void* src, bool src_bf16, void* dst, bool dst_bf16, int64_t n);  // dst = src, rounded
+// scalar::rms_norm_row with x, w and y all of one dtype
+void glue_norm(const void* x, const void* w, int64_t C, float eps, void* y, bool bf16);
+// scalar::rope_row, its results (rounded to x's dtype) stored in out's dtype
+void glue_rope(const void* x, const float* f, int64_t half, void* out, bool x_bf16, bool out_bf16);
+
 }  // namespace specqd_cpu

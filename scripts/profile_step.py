@@ -15,10 +15,9 @@ int8_activations=True), measured in the same rounds as the exact ones (a before/
                cpu_kernels.serial_aten and decoding_loop, as the decoding loops run it), after a prefill of
                --prefill tokens; every repeat writes the same position, so the attention span is fixed.
   linears ms   the same step's linears alone: every linear of the model (30 x wqkv, wo, w1, w3, w2 and
-               the output head) called through the same kernel function the model uses on a random
-               [1, K] input in the model's dtype, summed (one pass over all of them, median of passes).
-               The kernels are called directly, as the fused block calls them from C++, so no Python
-               module call is counted here.
+               the output head) through the same kernel the model uses, on a random [1, K] input in
+               the model's dtype: one pass over all of them in one C++ call (cpu_kernels.linears,
+               as the fused block calls them), median of passes. No Python call is counted here.
   rest ms      step - linears: attention, norms, RoPE, residual adds, the embedding, the float32
                logits, and the Python of the step.
   ATen thr.    the same step outside serial_aten, ATen's ops on every thread (each of its OpenMP
@@ -70,8 +69,8 @@ TEXT = (
 
 
 def linear_calls(model) -> list[tuple]:
-    """(function, weight args, weight bytes, K) for each linear of the model, in module order: the
-    kernel its twin (and the fused block) calls for a CPU input, as its cpu_spec says."""
+    """(kind, weight args, weight bytes, K) for each linear of the model, in module order: what its
+    twin (and the fused block) calls for a CPU input, as its cpu_spec says (block.cpp's kinds)."""
     calls = []
     for module in model.modules():
         spec = getattr(module, "cpu_spec", None)
@@ -79,13 +78,8 @@ def linear_calls(model) -> list[tuple]:
         if spec is None:
             continue
         kind, a, b = spec
-        if kind == 0:
-            fn, args, nbytes = cpu_kernels.bf16_linear, (a,), a.numel() * a.element_size()
-        else:
-            nbytes = a.numel() * a.element_size() + b.numel() * b.element_size()
-            fn = _kernel_for(kind)
-            args = (a, b)
-        calls.append((fn, args, nbytes, a.shape[1] if kind == 0 else a.shape[1] * 2))
+        nbytes = a.numel() * a.element_size() + (b.numel() * b.element_size() if kind else 0)
+        calls.append((kind, (a, b), nbytes, getattr(module, "in_features", a.shape[1])))
     return calls
 
 
@@ -105,16 +99,6 @@ def _head_level(target, prompt):
     level.known = n
     level.forward(prompt, 0)
     return head, level
-
-
-def _kernel_for(kind: int):
-    """The linear function of a fused-block kind (block.cpp's numbering)."""
-    return {
-        1: cpu_kernels.mxfp4_linear,
-        2: cpu_kernels.int4_linear,
-        3: cpu_kernels.mxfp4_linear_i8,
-        4: cpu_kernels.int4_linear_i8,
-    }[kind]
 
 
 def main(argv=None) -> dict:
@@ -335,11 +319,11 @@ def _linear_pass(model):
     g = torch.Generator().manual_seed(0)
     dtype = model.tok_embeddings.weight.dtype
     inputs = {k: torch.randn(1, k, generator=g).to(dtype) for k in {c[3] for c in calls}}
-    bound = [(fn, (inputs[k], *a)) for fn, a, _, k in calls]
+    kinds, xs = [c[0] for c in calls], [inputs[c[3]] for c in calls]
+    weights = [t for c in calls for t in c[1]]
 
     def run():
-        for fn, a in bound:
-            fn(*a)
+        cpu_kernels.linears(kinds, xs, weights)
 
     return run, sum(c[2] for c in calls), len(calls)
 

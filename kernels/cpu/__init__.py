@@ -510,6 +510,12 @@ def stack(weights, kinds, k_caches, v_caches, n_head, n_kv_head, head_dim, eps, 
     )  # fmt: skip
 
 
+def linears(kinds: list, inputs: list, weights: list) -> None:
+    """Each linear once on its own input, in one call, as block() calls them (kinds as block() takes
+    them, two weight tensors a linear): for timing a step's weight reads (scripts/profile_step.py)."""
+    (_EXT or _require()).linears(kinds, inputs, weights)
+
+
 def copy_slots(dst: list, src: list, start: int, end: int) -> None:
     """dst[i][:, :, start:end] = src[i][:, :, start:end] for every pair of contiguous CPU caches
     [B, H, S, D] of one dtype, alike but for S, in one call (block.cpp)."""

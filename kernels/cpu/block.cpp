@@ -221,6 +221,13 @@ class Stack {
   at::Tensor head_a_, head_b_;
 };
 
+// Each linear once on its own input, from C++ as block() calls them: a step's weight reads timed
+// without a Python call around each (scripts/profile_step.py). w: two tensors a linear, as block().
+void linears(const std::vector<int64_t>& kinds, const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& w) {
+  TORCH_CHECK(xs.size() == kinds.size() && w.size() == 2 * kinds.size(), "linears: an input and two tensors a kind");
+  for (size_t i = 0; i < kinds.size(); ++i) linear(kinds[i], xs[i], w[2 * i], w[2 * i + 1]);
+}
+
 void bind_stack(pybind11::module& m) {
   pybind11::class_<Stack>(m, "Stack", "a model's cached forward after the embedding, its weights bound once")
       .def(pybind11::init<const std::vector<at::Tensor>&, const std::vector<int64_t>&, std::vector<at::Tensor>,
@@ -228,6 +235,7 @@ void bind_stack(pybind11::module& m) {
                           int64_t, at::Tensor, at::Tensor>())
       .def("blocks", &Stack::blocks, "every block in turn")
       .def("forward", &Stack::forward, "every block, the final norm and the head: (features, logits)");
+  m.def("linears", &linears, "each linear once on its own input (kinds, inputs, two tensors a linear)");
 }
 
 // Cache slots [start, end) of every src[i] into dst[i] (caches [B, H, S, D], contiguous, slots along

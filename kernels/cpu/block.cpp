@@ -202,9 +202,9 @@ class Stack {
   std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& input_pos,
                                              const at::Tensor& freqs, const at::Tensor& mask, int64_t last) const {
     TORCH_CHECK(head_kind_ >= 0, "Stack.forward: this stack has no head (call blocks)");
+    TORCH_CHECK(last >= 0, "Stack.forward: last = ", last, " (0: every token)");
     const at::Tensor features = rms_norm(blocks(x, input_pos, freqs, mask), norm_, norm_eps_);
     const int64_t T = features.size(1);
-    TORCH_CHECK(last >= 0, "Stack.forward: last = ", last, " (0: every token)");
     const at::Tensor rows = last == 0 || last >= T ? features : features.narrow(1, T - last, last);
     return {features, linear(head_kind_, rows, head_a_, head_b_)};
   }

@@ -746,3 +746,48 @@ def test_smollm2_long_prompt_prefill_takes_torchs_gemm_and_stays_identical(kerne
     assert rows and set(rows) == {prompt.numel() - 1}  # the prefill went to torch's GEMM, nothing else
     fast, _ = speculative_decode(levels, prompt, 24, k=[3])
     assert fast.tolist() == plain.tolist()
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "mxfp4", "mxfp4-i8"])
+def test_fused_forward_bits_do_not_depend_on_threads_or_prefetch(kernels, fmt):
+    """The pool splits a linear into a run of chunks per thread (the rest claimed in turn), and its idle
+    helpers prefetch the rows they will compute next (thread_pool.h): where and when a row is computed
+    changes, its bits must not. A fused forward at SmolLM2's widths (several chunks per linear) on 1, 2
+    and 3 threads, prefetching or not, gives the same logits."""
+    import accel
+    import mxfp4
+    from model import ModelArgs, Transformer
+
+    if fmt == "mxfp4-i8" and not kernels.vnni_available():
+        pytest.skip("the CPU lacks AVX512-VNNI")
+    torch.manual_seed(0)
+    args = ModelArgs(block_size=32, vocab_size=1000, n_layer=2, n_head=9, n_local_heads=3, dim=576,
+                     intermediate_size=1536)  # fmt: skip
+    model = Transformer(args).to(torch.bfloat16).eval().requires_grad_(False)
+    if fmt != "bf16":
+        model = mxfp4.quantize_model(model)
+    accel.accelerate(model, int8_activations=fmt.endswith("i8"))
+    ids = torch.randint(0, 1000, (1, 9))
+
+    def run(threads, prefetch):
+        torch.set_num_threads(threads)
+        kernels.set_prefetch(prefetch)
+        model.setup_caches(1, 32)
+        with torch.no_grad():
+            out = [model(ids[:, :5], torch.arange(5))]
+            out += [model(ids[:, i : i + 1], torch.tensor([i])) for i in range(5, 9)]
+        return out
+
+    saved = torch.get_num_threads()
+    try:
+        reference = run(1, False)
+        for threads in (2, 3):
+            for prefetch in (True, False):
+                got = run(threads, prefetch)
+                assert all(torch.equal(a, b) for a, b in zip(got, reference, strict=True)), (
+                    threads,
+                    prefetch,
+                )
+    finally:
+        torch.set_num_threads(saved)
+        kernels.set_prefetch(True)

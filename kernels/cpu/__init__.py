@@ -596,6 +596,13 @@ def decodes_on_kernels(model: torch.nn.Module) -> bool:
     return found
 
 
+def set_prefetch(on: bool) -> None:
+    """Whether the kernels' idle helper threads prefetch the rows they will compute in the next linear
+    of a fused forward (on by default; thread_pool.h says why). Off, for an ablation: the same bits,
+    only slower."""
+    _require().set_prefetch(bool(on))
+
+
 @contextlib.contextmanager
 def serial_aten(enabled: bool = True):
     """Around a CPU decoding loop: ATen's own ops run on one thread, our kernels on torch's thread count

@@ -31,6 +31,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);                   // norm_rope.cpp
 at::Tensor rope(const at::Tensor& x, const at::Tensor& freqs);                                    // norm_rope.cpp
 void attention_run(const AttentionArgs& a);                                                       // ops.cpp
+void prefetch_linear(int64_t kind, const at::Tensor& a, const at::Tensor& b);                     // ops.cpp
 
 namespace {
 
@@ -71,15 +72,28 @@ bool glue_in_loops(const at::Tensor& x, const std::vector<at::Tensor>& w, const 
          mask.size(1) == k_cache.size(2) && head_dim % 16 == 0 && head_dim <= 256 && cpu_has_avx512();
 }
 
-}  // namespace
+// The linear that follows a block's last one (the next layer's wqkv, or the head), if any: a block has
+// the pool's helpers prefetch each linear's rows before it comes (prefetch_linear), this one too.
+struct NextLinear {
+  int64_t kind = -1;
+  const at::Tensor* a = nullptr;
+  const at::Tensor* b = nullptr;
+};
 
 // w: [attention_norm.weight, ffn_norm.weight, then (a, b) for wqkv, wo, w1, w3, w2]; kinds: the 5 kinds.
-at::Tensor block(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<int64_t>& kinds,
-                 at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& input_pos, const at::Tensor& freqs,
-                 const at::Tensor& mask, int64_t n_head, int64_t n_kv, int64_t head_dim, double eps,
-                 double scale) {
+at::Tensor block_then(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<int64_t>& kinds,
+                      at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& input_pos, const at::Tensor& freqs,
+                      const at::Tensor& mask, int64_t n_head, int64_t n_kv, int64_t head_dim, double eps,
+                      double scale, NextLinear next) {
   TORCH_CHECK(w.size() == 12 && kinds.size() == 5, "block: 12 weight tensors and 5 kinds expected");
-  auto lin = [&](int i, const at::Tensor& in) { return linear(kinds[i], in, w[2 + 2 * i], w[3 + 2 * i]); };
+  // Linear i, once the helpers know what to prefetch while it and the work after it run: the next one.
+  auto lin = [&](int i, const at::Tensor& in) {
+    if (i < 4)
+      prefetch_linear(kinds[i + 1], w[4 + 2 * i], w[5 + 2 * i]);
+    else if (next.a != nullptr)
+      prefetch_linear(next.kind, *next.a, *next.b);
+    return linear(kinds[i], in, w[2 + 2 * i], w[3 + 2 * i]);
+  };
   const int64_t B = x.size(0), T = x.size(1), q_size = n_head * head_dim, kv_size = n_kv * head_dim;
   if (glue_in_loops(x, w, k_cache, v_cache, input_pos, freqs, mask, n_kv, head_dim)) {
     const int64_t C = x.size(2), D = head_dim, half = D / 2, S = k_cache.size(2), N = q_size + 2 * kv_size;
@@ -153,6 +167,16 @@ at::Tensor block(const at::Tensor& x, const std::vector<at::Tensor>& w, const st
   return h + lin(4, at::silu(lin(2, f)) * lin(3, f));
 }
 
+}  // namespace
+
+at::Tensor block(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<int64_t>& kinds,
+                 at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& input_pos, const at::Tensor& freqs,
+                 const at::Tensor& mask, int64_t n_head, int64_t n_kv, int64_t head_dim, double eps,
+                 double scale) {
+  return block_then(x, w, kinds, std::move(k_cache), std::move(v_cache), input_pos, freqs, mask, n_head, n_kv,
+                    head_dim, eps, scale, NextLinear{});
+}
+
 // FastTransformer's cached forward after the embedding, its weights bound once (accel._StackPlan makes
 // one per model): every block in turn (block() per layer), then, where the model's final norm and
 // output head have kernels, those too. Why bound: a Python loop of FastBlock calls cost ~40 us a block
@@ -190,11 +214,7 @@ class Stack {
 
   at::Tensor blocks(const at::Tensor& x, const at::Tensor& input_pos, const at::Tensor& freqs,
                     const at::Tensor& mask) const {
-    at::Tensor h = x;
-    for (size_t l = 0; l < w_.size(); ++l)
-      h = block(h, w_[l], kinds_[l], k_caches_[l], v_caches_[l], input_pos, freqs, mask, n_head_, n_kv_, head_dim_,
-                eps_, scale_);
-    return h;
+    return run_blocks(x, input_pos, freqs, mask, false);
   }
 
   // (the final-normed hidden states of every token, the head's logits for the last `last` tokens, or
@@ -203,13 +223,31 @@ class Stack {
                                              const at::Tensor& freqs, const at::Tensor& mask, int64_t last) const {
     TORCH_CHECK(head_kind_ >= 0, "Stack.forward: this stack has no head (call blocks)");
     TORCH_CHECK(last >= 0, "Stack.forward: last = ", last, " (0: every token)");
-    const at::Tensor features = rms_norm(blocks(x, input_pos, freqs, mask), norm_, norm_eps_);
+    const at::Tensor features = rms_norm(run_blocks(x, input_pos, freqs, mask, true), norm_, norm_eps_);
     const int64_t T = features.size(1);
     const at::Tensor rows = last == 0 || last >= T ? features : features.narrow(1, T - last, last);
+    // While the caller turns the logits into tokens, the helpers fetch the first layer's wqkv for the
+    // next call (a draft's next step, most often).
+    if (!w_.empty()) prefetch_linear(kinds_[0][0], w_[0][2], w_[0][3]);
     return {features, linear(head_kind_, rows, head_a_, head_b_)};
   }
 
  private:
+  at::Tensor run_blocks(const at::Tensor& x, const at::Tensor& input_pos, const at::Tensor& freqs,
+                        const at::Tensor& mask, bool then_head) const {
+    at::Tensor h = x;
+    for (size_t l = 0; l < w_.size(); ++l) {
+      NextLinear next;
+      if (l + 1 < w_.size())
+        next = NextLinear{kinds_[l + 1][0], &w_[l + 1][2], &w_[l + 1][3]};
+      else if (then_head)
+        next = NextLinear{head_kind_, &head_a_, &head_b_};
+      h = block_then(h, w_[l], kinds_[l], k_caches_[l], v_caches_[l], input_pos, freqs, mask, n_head_, n_kv_,
+                     head_dim_, eps_, scale_, next);
+    }
+    return h;
+  }
+
   std::vector<std::vector<at::Tensor>> w_;
   std::vector<std::vector<int64_t>> kinds_;
   std::vector<at::Tensor> k_caches_, v_caches_;

@@ -166,7 +166,7 @@ def main(argv=None):
     )
     bench_lib.write_outputs(a.out, record, md)
     if a.out:
-        plot(rows, head, Path(f"{a.out}.png"))
+        plot(rows, head, Path(a.out).with_suffix(".png"))  # as write_outputs: PREFIX.png
     return rows
 
 

@@ -783,11 +783,8 @@ def test_fused_forward_bits_do_not_depend_on_threads_or_prefetch(kernels, fmt):
         reference = run(1, False)
         for threads in (2, 3):
             for prefetch in (True, False):
-                got = run(threads, prefetch)
-                assert all(torch.equal(a, b) for a, b in zip(got, reference, strict=True)), (
-                    threads,
-                    prefetch,
-                )
+                same = all(torch.equal(a, b) for a, b in zip(run(threads, prefetch), reference, strict=True))
+                assert same, f"{threads} threads, prefetch {prefetch}"
     finally:
         torch.set_num_threads(saved)
         kernels.set_prefetch(True)

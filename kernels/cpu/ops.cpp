@@ -277,7 +277,9 @@ at::Tensor int4_linear_i8(const at::Tensor& x, const at::Tensor& codes, const at
 // whole stripes), so the rows' share of each tensor's bytes is the right range.
 void prefetch_linear(int64_t kind, const at::Tensor& a, const at::Tensor& b) {
   const int threads = pool_threads();
-  if (!g_prefetch.load(std::memory_order_relaxed) || threads <= 1 || a.dim() != 2 || !a.is_contiguous() || (kind != 0 && !b.is_contiguous())) return;
+  if (!g_prefetch.load(std::memory_order_relaxed) || threads <= 1 || a.dim() != 2 || !a.is_contiguous() ||
+      (kind != 0 && !b.is_contiguous()))
+    return;
   const int64_t N = a.size(0), a_row = a.numel() / std::max<int64_t>(1, N) * a.element_size();
   const int64_t b_row = kind == 0 || b.dim() != 2 || b.size(0) != N ? 0 : b.size(1) * b.element_size();
   const int64_t per = chunk_rows(a_row + b_row), chunks = (N + per - 1) / per;

@@ -6,7 +6,7 @@
 // not scheduled holds the region until the scheduler gives it a time slice, milliseconds later: we
 // measured 1.2 s instead of 10 ms for the 151 linears of a SmolLM2 decode step with 2 OpenMP threads
 // at load average 3.5 on 2 cores (torch's own fp32 F.linear degrades the same way). Here the work is
-// cut into chunks that threads claim from an atomic counter; the caller claims chunks too and, once
+// cut into chunks that threads claim with atomic counters; the caller claims chunks too and, once
 // none is left, waits only for the chunks that helpers have already claimed (microseconds). A helper
 // that wakes up late finds nothing to do. So the worst case is the single-thread speed, not a time
 // slice per call.
@@ -18,9 +18,9 @@
 // caller the first, helper i the run i + 1); each thread claims the next chunk of its own run and,
 // once that is used up, the next chunk of the other runs in turn. So each thread reads one sequential
 // stream of weights, which the prefetchers (and the kernels' own software prefetch, which runs on past
-// a chunk's end) keep ahead of the reads. Claiming every chunk from one
-// shared counter handed the threads alternate chunks instead, a new stream every ~48 KB: the int8
-// MXFP4 linears of a SmolLM2 step then read ~15% slower on a 2-core Xeon.
+// a chunk's end) keep ahead of the reads. Claiming every chunk from one shared counter handed the
+// threads alternate chunks instead, a new stream every ~48 KB: the int8 MXFP4 linears of a SmolLM2
+// step then read ~15% slower on a 2-core Xeon.
 //
 // Prefetch while idle. Between two linears the caller does the work that is not a matrix (norms,
 // attention, the Python of a step: ~20% of a 4-bit draft step) and the helpers have nothing to do. So
@@ -104,7 +104,7 @@ class ThreadPool {
     // odd generation (acquire), which orders them after these stores (release).
     fn_ = fn;
     ctx_ = ctx;
-    max_joiners_ = threads - 1;  // helpers 0 .. threads - 2 take part
+    max_joiners_ = threads - 1;
     runs_ = threads;
     for (int r = 0; r < runs_; ++r) {
       run_[r].next.store(chunks * r / runs_, std::memory_order_relaxed);
@@ -251,7 +251,7 @@ class ThreadPool {
   std::atomic<int> inside_{0};             // helpers inside the current job
   ChunkFn fn_ = nullptr;
   void* ctx_ = nullptr;
-  int max_joiners_ = 0;
+  int max_joiners_ = 0;                    // helpers 0 .. max_joiners_ - 1 take part in the open job
   std::vector<std::thread> helpers_;
   std::mutex sleep_mutex_;
   std::condition_variable wake_;

@@ -73,7 +73,8 @@ int64_t leading_rows(const at::Tensor& x) {
 // claimed dynamically from thread_pool.h's pool; torch.set_num_threads sets how many threads take part
 // (unless set_threads pinned the count: see g_pool_threads).
 // A chunk is a multiple of 16 rows (whole tiles) and about kChunkBytes of weight: small enough to share
-// the work out evenly, large enough that claiming it (one atomic add) costs nothing. A matrix of a
+// the work out evenly, large enough that claiming it (one atomic operation) costs nothing; the last
+// chunks of each thread's run shrink to single tiles (thread_pool.h). A matrix of a
 // single chunk runs on the calling thread alone, where waking a helper would cost more than it saves.
 constexpr int64_t kChunkBytes = 48 * 1024;
 
@@ -86,20 +87,20 @@ int pool_threads() {
   return n > 0 ? n : at::get_num_threads();
 }
 
-// f over [0, N) in chunks of `per`, claimed from the pool; on the calling thread alone when there is
-// one chunk or one thread.
+// f over [0, N) in units of `unit` rows, chunks of `per` units claimed from the pool (thread_pool.h);
+// on the calling thread alone when there is one chunk or one thread.
 template <typename F>
-void in_chunks(int64_t N, int64_t per, const F& f) {
-  const int64_t chunks = (N + per - 1) / per;
+void in_chunks(int64_t N, int64_t unit, int64_t per, const F& f) {
+  const int64_t units = (N + unit - 1) / unit;
   const int threads = pool_threads();
-  if (chunks <= 1 || threads <= 1) return f(0, N);
+  if (units <= per || threads <= 1) return f(0, N);
   struct Job {
     const F* f;
-    int64_t per, N;
-  } job{&f, per, N};
-  ThreadPool::instance().run(chunks, threads, [](void* ctx, int64_t i) {
+    int64_t unit, N;
+  } job{&f, unit, N};
+  ThreadPool::instance().run(units, per, threads, [](void* ctx, int64_t u0, int64_t u1) {
     const Job& j = *static_cast<const Job*>(ctx);
-    (*j.f)(i * j.per, std::min(j.N, (i + 1) * j.per));
+    (*j.f)(u0 * j.unit, std::min(j.N, u1 * j.unit));
   }, &job);
 }
 
@@ -108,9 +109,10 @@ int64_t chunk_rows(int64_t bytes_per_row) {
   return std::max<int64_t>(16, kChunkBytes / std::max<int64_t>(1, bytes_per_row) / 16 * 16);
 }
 
+// A linear's rows in units of 16 (whole tiles).
 template <typename F>
 void for_rows(int64_t N, int64_t bytes_per_row, const F& f) {
-  in_chunks(N, chunk_rows(bytes_per_row), f);
+  in_chunks(N, 16, chunk_rows(bytes_per_row) / 16, f);
 }
 
 // At most this much of a linear's weight a helper prefetches ahead (its 2 MB L2 on the Xeon we measured
@@ -271,10 +273,10 @@ at::Tensor int4_linear_i8(const at::Tensor& x, const at::Tensor& codes, const at
 
 // Before a linear: gives each helper of the pool the weight rows it will compute first in the linear
 // (kind, a, b) that comes next, as block.cpp's kinds say, to prefetch while it waits (thread_pool.h).
-// Its run of chunks is what ThreadPool::run will hand it: rows [C (i + 1) / P, C (i + 2) / P) chunks
-// for helper i of P threads, C chunks of chunk_rows(bytes a row). A weight's rows are contiguous
-// bytes in every layout the kernels read (row-major, and pack_i8's 16-row stripes, whose chunks are
-// whole stripes), so the rows' share of each tensor's bytes is the right range.
+// Its run is what ThreadPool::run will hand it: units [U (i + 1) / P, U (i + 2) / P) of 16 rows for
+// helper i of P threads, U units in all (for_rows). A weight's rows are contiguous bytes in every
+// layout the kernels read (row-major, and pack_i8's 16-row stripes), so the rows' share of each
+// tensor's bytes is the right range.
 void prefetch_linear(int64_t kind, const at::Tensor& a, const at::Tensor& b) {
   const int threads = pool_threads();
   if (!g_prefetch.load(std::memory_order_relaxed) || threads <= 1 || a.dim() != 2 || !a.is_contiguous() ||
@@ -282,14 +284,14 @@ void prefetch_linear(int64_t kind, const at::Tensor& a, const at::Tensor& b) {
     return;
   const int64_t N = a.size(0), a_row = a.numel() / std::max<int64_t>(1, N) * a.element_size();
   const int64_t b_row = kind == 0 || b.dim() != 2 || b.size(0) != N ? 0 : b.size(1) * b.element_size();
-  const int64_t per = chunk_rows(a_row + b_row), chunks = (N + per - 1) / per;
-  if (chunks <= 1) return;
+  const int64_t units = (N + 15) / 16;  // for_rows' units and chunks
+  if (units <= chunk_rows(a_row + b_row) / 16) return;
   const auto* ap = static_cast<const char*>(a.data_ptr());
   const auto* bp = b_row ? static_cast<const char*>(b.data_ptr()) : nullptr;
   ThreadPool& pool = ThreadPool::instance();
   for (int i = 0; i + 1 < threads; ++i) {
-    const int64_t r0 = std::min(N, chunks * (i + 1) / threads * per);
-    int64_t r1 = std::min(N, chunks * (i + 2) / threads * per);
+    const int64_t r0 = std::min(N, units * (i + 1) / threads * 16);
+    int64_t r1 = std::min(N, units * (i + 2) / threads * 16);
     r1 = std::min(r1, r0 + kMaxPrefetchBytes / (a_row + b_row));
     pool.set_prefetch(i, bp ? bp + r0 * b_row : nullptr, (r1 - r0) * b_row, ap + r0 * a_row, (r1 - r0) * a_row);
   }
@@ -394,7 +396,7 @@ void attention_run(const AttentionArgs& a) {
     attention_rows(a, r0, r1, scores.data(), slots.data());
   };
   if (rows * S * a.D < (1 << 16)) return run(0, rows);
-  in_chunks(rows, std::max<int64_t>(1, rows / (4 * pool_threads())), run);
+  in_chunks(rows, 1, std::max<int64_t>(1, rows / (4 * pool_threads())), run);
 }
 
 // Attention of the T new tokens q [B, H, T, D] over the cache k, v [B, KVH, S, D], slots visible where

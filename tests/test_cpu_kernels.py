@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kernels import cpu as cpu_kernels
 from mxfp4 import dequantize, quantize
@@ -788,3 +790,32 @@ def test_fused_forward_bits_do_not_depend_on_threads_or_prefetch(kernels, fmt):
     finally:
         torch.set_num_threads(saved)
         kernels.set_prefetch(True)
+
+
+@given(
+    st.lists(
+        st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, float("inf"), float("-inf"), float("nan"), 3.0e38, -7.0]),
+        min_size=1,
+        max_size=70,
+    ),
+    st.integers(1, 3),
+)
+@settings(max_examples=300, deadline=None)
+def test_argmax_is_torchs(kernels, values, rows):
+    """The kernel's argmax returns torch.argmax's indices, ties (-0 and +0 too), infinities and NaN
+    included, for rows of every length around the 16-lane blocks."""
+    x = torch.tensor(values, dtype=torch.float32).roll(rows).repeat(rows, 1)
+    x[-1] = torch.tensor(values, dtype=torch.float32)
+    assert kernels.argmax_takes(x)
+    assert kernels.argmax(x).tolist() == torch.argmax(x, dim=-1).tolist()
+    assert kernels.argmax(x[0]).item() == torch.argmax(x[0]).item()
+
+
+def test_argmax_on_random_logits(kernels):
+    """A vocabulary's worth of random logits, with repeated maxima planted in the tail block."""
+    x = torch.randn(4, 49157, generator=gen(3))
+    x[1, -3:] = x[1].max() + 1
+    x[2, 100] = x[2, -1] = x[2].max() + 1
+    assert kernels.argmax(x).tolist() == torch.argmax(x, dim=-1).tolist()
+    with pytest.raises(RuntimeError, match="argmax"):
+        kernels.argmax(x.to(torch.bfloat16))

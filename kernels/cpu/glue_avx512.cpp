@@ -123,6 +123,28 @@ GLUE void glue_rope(const void* x, const float* f, int64_t half, void* out, bool
   }
 }
 
+// torch.argmax over a row: NaN above every number (the first NaN wins), else the first index whose
+// value equals the maximum (so -0 and +0 tie). Two passes: the maximum with a NaN check, then the
+// first match; each a vector compare per 16 elements.
+GLUE int64_t glue_argmax(const float* x, int64_t n) {
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = live(i, n);
+    const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), k, x + i);
+    if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) {  // a NaN in this block: the first one
+      for (int64_t j = i;; ++j)
+        if (std::isnan(x[j])) return j;
+    }
+    m = _mm512_max_ps(m, v);
+  }
+  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 hit = _mm512_mask_cmp_ps_mask(live(i, n), _mm512_loadu_ps(x + i), top, _CMP_EQ_OQ);
+    if (hit) return i + __builtin_ctz(hit);
+  }
+  return 0;  // n == 0 (callers do not pass it)
+}
+
 #else  // not x86: never called (cpu_has_avx512() is false)
 
 void glue_add(const void*, const void*, void*, int64_t, bool) {}
@@ -130,6 +152,7 @@ void glue_mul(const void*, const void*, void*, int64_t, bool) {}
 void glue_convert(const void*, bool, void*, bool, int64_t) {}
 void glue_norm(const void*, const void*, int64_t, float, void*, bool) {}
 void glue_rope(const void*, const float*, int64_t, void*, bool, bool) {}
+int64_t glue_argmax(const float*, int64_t) { return 0; }
 
 #endif
 

@@ -109,5 +109,7 @@ void glue_convert(const void* src, bool src_bf16, void* dst, bool dst_bf16, int6
 void glue_norm(const void* x, const void* w, int64_t C, float eps, void* y, bool bf16);
 // scalar::rope_row, its results (rounded to x's dtype) stored in out's dtype
 void glue_rope(const void* x, const float* f, int64_t half, void* out, bool x_bf16, bool out_bf16);
+// torch.argmax of x[0, n) (n > 0): the first NaN, else the first index of the maximum
+int64_t glue_argmax(const float* x, int64_t n);
 
 }  // namespace specqd_cpu

@@ -100,7 +100,11 @@ class ModelLevel:
         [T or last, V]."""
         T = args[0].shape[1]
         if self.compiled is None or T > COMPILE_MAX_TOKENS or start_pos == 0:
-            out = self.model(*args, last=last)[0].float()
+            # accel.FastTransformer can run the whole step in one C++ call (the same bits).
+            fused = getattr(self.model, "float_logits", None)
+            out = fused(*args, last=last) if fused is not None and len(args) == 2 else None
+            if out is None:
+                out = self.model(*args, last=last)[0].float()
         else:
             # Clone out of the CUDA graph's static output buffer before the next replay reuses it.
             # (The graph computes every row: a `last` argument would multiply the graphs per count.)

@@ -750,6 +750,40 @@ def test_smollm2_long_prompt_prefill_takes_torchs_gemm_and_stays_identical(kerne
     assert fast.tolist() == plain.tolist()
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "mxfp4-i8", "mxfp4-fp32"])
+def test_float_logits_give_the_forwards_bits(kernels, fmt):
+    """FastTransformer.float_logits (Stack.step: the embedding, RoPE and mask rows gathered in C++, the
+    logits widened there) returns model(idx, pos, last=last)[0].float() and the same features, bit for
+    bit; a bad token id is a clear error, and a hook on the model sends the caller back to forward."""
+    import accel
+    import mxfp4
+    from model import ModelArgs, Transformer
+
+    torch.manual_seed(0)
+    args = ModelArgs(block_size=64, vocab_size=300, n_layer=2, n_head=4, n_local_heads=2, dim=128)
+    dtype = torch.float32 if fmt.endswith("fp32") else torch.bfloat16
+    model = Transformer(args).to(dtype).eval().requires_grad_(False)
+    if fmt.startswith("mxfp4"):
+        model = mxfp4.quantize_model(model)
+    accel.accelerate(model, int8_activations=fmt.endswith("i8"))
+    model.setup_caches(1, 64)
+    ids = torch.randint(0, 300, (1, 12), generator=gen(1))
+    forwards = [(0, 5, None), (5, 9, 2), (9, 10, None), (10, 11, 1), (11, 12, None)]
+    with torch.no_grad():
+        for start, end, last in forwards:
+            idx, pos = ids[:, start:end], torch.arange(start, end)
+            fast = model.float_logits(idx, pos, last=last)
+            fast_features = model.features
+            assert fast is not None and fast.dtype == torch.float32
+            slow = model(idx, pos, last=last)[0].float()
+            assert torch.equal(fast, slow) and torch.equal(fast_features, model.features)
+        with pytest.raises(RuntimeError, match="outside the vocabulary"):
+            model.float_logits(torch.tensor([[300]]), torch.tensor([12]))
+        handle = model.register_forward_hook(lambda *a: None)
+        assert model.float_logits(ids[:, :1], torch.tensor([12])) is None
+        handle.remove()
+
+
 @pytest.mark.parametrize("fmt", ["bf16", "mxfp4", "mxfp4-i8"])
 def test_fused_forward_bits_do_not_depend_on_threads_or_prefetch(kernels, fmt):
     """The pool splits a linear into a run of chunks per thread (the rest claimed in turn), and its idle

@@ -338,7 +338,11 @@ class FastTransformer(M.Transformer):
             or idx.dim() != 2
             or idx.shape[0] != 1
             or idx.dtype != torch.long
+            or not idx.is_contiguous()
             or input_pos.dtype != torch.long
+            or input_pos.shape != idx.shape[1:]
+            or not input_pos.is_contiguous()
+            or not emb.weight.is_contiguous()
             or self.max_seq_length < 0
             or self._forward_hooks
             or self._forward_pre_hooks

@@ -100,7 +100,8 @@ class ModelLevel:
         [T or last, V]."""
         T = args[0].shape[1]
         if self.compiled is None or T > COMPILE_MAX_TOKENS or start_pos == 0:
-            # accel.FastTransformer can run the whole step in one C++ call (the same bits).
+            # accel.FastTransformer can run the whole step in one C++ call (the same bits); a tree's
+            # forward (slots, mask, positions: four arguments) always goes through the model.
             fused = getattr(self.model, "float_logits", None)
             out = fused(*args, last=last) if fused is not None and len(args) == 2 else None
             if out is None:

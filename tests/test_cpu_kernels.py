@@ -750,12 +750,17 @@ def test_smollm2_long_prompt_prefill_takes_torchs_gemm_and_stays_identical(kerne
     assert fast.tolist() == plain.tolist()
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "mxfp4-i8", "mxfp4-fp32"])
+@pytest.mark.parametrize("fmt", ["bf16", "mxfp4-i8", "mxfp4-fp32", "int4"])
 def test_float_logits_give_the_forwards_bits(kernels, fmt):
     """FastTransformer.float_logits (Stack.step: the embedding, RoPE and mask rows gathered in C++, the
     logits widened there) returns model(idx, pos, last=last)[0].float() and the same features, bit for
-    bit; a bad token id is a clear error, and a hook on the model sends the caller back to forward."""
+    bit, and writes the same caches (two copies of the model, one decoding each way); a bad token id is
+    a clear error, and where the one call does not apply (a hook, an embedding with max_norm) it returns
+    None and the caller runs forward."""
+    import copy
+
     import accel
+    import int4
     import mxfp4
     from model import ModelArgs, Transformer
 
@@ -765,23 +770,34 @@ def test_float_logits_give_the_forwards_bits(kernels, fmt):
     model = Transformer(args).to(dtype).eval().requires_grad_(False)
     if fmt.startswith("mxfp4"):
         model = mxfp4.quantize_model(model)
+    elif fmt == "int4":
+        model = int4.quantize_model(model)
     accel.accelerate(model, int8_activations=fmt.endswith("i8"))
-    model.setup_caches(1, 64)
+    slow_model = copy.deepcopy(model)
+    for m in (model, slow_model):
+        m.setup_caches(1, 64)
     ids = torch.randint(0, 300, (1, 12), generator=gen(1))
     forwards = [(0, 5, None), (5, 9, 2), (9, 10, None), (10, 11, 1), (11, 12, None)]
     with torch.no_grad():
         for start, end, last in forwards:
             idx, pos = ids[:, start:end], torch.arange(start, end)
             fast = model.float_logits(idx, pos, last=last)
-            fast_features = model.features
             assert fast is not None and fast.dtype == torch.float32
-            slow = model(idx, pos, last=last)[0].float()
-            assert torch.equal(fast, slow) and torch.equal(fast_features, model.features)
+            slow = slow_model(idx, pos, last=last)[0].float()
+            assert torch.equal(fast, slow) and torch.equal(model.features, slow_model.features)
         with pytest.raises(RuntimeError, match="outside the vocabulary"):
             model.float_logits(torch.tensor([[300]]), torch.tensor([12]))
+        step = ids[:, :1], torch.tensor([12])
         handle = model.register_forward_hook(lambda *a: None)
-        assert model.float_logits(ids[:, :1], torch.tensor([12])) is None
+        assert model.float_logits(*step) is None
         handle.remove()
+        handle = model.tok_embeddings.register_forward_pre_hook(lambda *a: None)
+        assert model.float_logits(*step) is None
+        handle.remove()
+        model.tok_embeddings.max_norm = 1.0
+        assert model.float_logits(*step) is None
+        model.tok_embeddings.max_norm = None
+        assert model.float_logits(*step) is not None
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "mxfp4", "mxfp4-i8"])

@@ -139,7 +139,8 @@ GLUE int64_t glue_argmax(const float* x, int64_t n) {
   }
   const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(m));
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 hit = _mm512_mask_cmp_ps_mask(live(i, n), _mm512_loadu_ps(x + i), top, _CMP_EQ_OQ);
+    const __mmask16 k = live(i, n);  // masked load: never past x + n
+    const __mmask16 hit = _mm512_mask_cmp_ps_mask(k, _mm512_maskz_loadu_ps(k, x + i), top, _CMP_EQ_OQ);
     if (hit) return i + __builtin_ctz(hit);
   }
   return 0;  // n == 0 (callers do not pass it)

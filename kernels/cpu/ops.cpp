@@ -400,7 +400,7 @@ void attention_run(const AttentionArgs& a) {
 }
 
 // torch.argmax(x, dim=-1) for float32 x (contiguous, last dimension not empty): the same indices, NaN
-// and ties included (glue_argmax). Why: ATen's argmax is a scalar loop, ~140 us over SmolLM2's 49152
+// and ties included (glue_argmax). Why: ATen's argmax is a scalar loop, ~130 us over SmolLM2's 49152
 // logits on one thread of the Xeon we measured, once per drafted and per decoded token (2% of an int8
 // MXFP4 draft step); this takes ~10 us.
 at::Tensor argmax(const at::Tensor& x) {

@@ -20,7 +20,7 @@
 // Results do not depend on which thread runs a chunk: a chunk is a range of output rows, and every row
 // is computed by the same code whatever thread, range or position (kernels_avx512.cpp).
 //
-// Which chunks a thread claims. The chunks are cut into one run of consecutive chunks per thread (the
+// Which chunks a thread claims. The units are cut into one run of consecutive units per thread (the
 // caller the first, helper i the run i + 1); each thread claims the next chunk of its own run and,
 // once that is used up, the next chunk of the other runs in turn. So each thread reads one sequential
 // stream of weights, which the prefetchers (and the kernels' own software prefetch, which runs on past

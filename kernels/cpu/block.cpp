@@ -245,9 +245,10 @@ class Stack {
                     input_pos.size(0) == idx.size(1) && input_pos.is_contiguous(),
                 "Stack.step: token ids [1, T] and positions [T] (int64) expected");
     TORCH_CHECK(emb.dim() == 2 && emb.is_contiguous() &&
-                    (emb.scalar_type() == at::kFloat || emb.scalar_type() == at::kBFloat16) && freqs_table.dim() == 3 && freqs_table.is_contiguous() &&
-                    freqs_table.scalar_type() == at::kFloat && mask_table.dim() == 2 && mask_table.is_contiguous() &&
-                    mask_table.scalar_type() == at::kBool && mask_table.size(0) == freqs_table.size(0),
+                    (emb.scalar_type() == at::kFloat || emb.scalar_type() == at::kBFloat16) &&
+                    freqs_table.dim() == 3 && freqs_table.is_contiguous() && freqs_table.scalar_type() == at::kFloat &&
+                    mask_table.dim() == 2 && mask_table.is_contiguous() && mask_table.scalar_type() == at::kBool &&
+                    mask_table.size(0) == freqs_table.size(0),
                 "Stack.step: an embedding [V, C], a RoPE table [S, D / 2, 2] and a mask [S, S] expected");
     const int64_t T = idx.size(1), V = emb.size(0), C = emb.size(1), S = mask_table.size(0);
     const int64_t f_row = freqs_table.size(1) * freqs_table.size(2), m_row = mask_table.size(1);
@@ -259,8 +260,8 @@ class Stack {
     for (int64_t t = 0; t < T; ++t) {
       TORCH_CHECK(ids[t] >= 0 && ids[t] < V, "Stack.step: token id ", ids[t], " outside the vocabulary of ", V);
       TORCH_CHECK(pos[t] >= 0 && pos[t] < S, "Stack.step: position ", pos[t], " outside the cache of ", S);
-      std::memcpy(static_cast<char*>(x.data_ptr()) + t * e_row, static_cast<const char*>(emb.data_ptr()) + ids[t] * e_row,
-                  e_row);
+      std::memcpy(static_cast<char*>(x.data_ptr()) + t * e_row,
+                  static_cast<const char*>(emb.data_ptr()) + ids[t] * e_row, e_row);
       std::memcpy(freqs.data_ptr<float>() + t * f_row, freqs_table.data_ptr<float>() + pos[t] * f_row,
                   f_row * sizeof(float));
       std::memcpy(static_cast<char*>(mask.data_ptr()) + t * m_row,

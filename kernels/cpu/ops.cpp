@@ -74,8 +74,8 @@ int64_t leading_rows(const at::Tensor& x) {
 // (unless set_threads pinned the count: see g_pool_threads).
 // A chunk is a multiple of 16 rows (whole tiles) and about kChunkBytes of weight: small enough to share
 // the work out evenly, large enough that claiming it (one atomic operation) costs nothing; the last
-// chunks of each thread's run shrink to single tiles (thread_pool.h). A matrix of a
-// single chunk runs on the calling thread alone, where waking a helper would cost more than it saves.
+// chunks of each thread's run shrink to single tiles (thread_pool.h). A matrix of a single chunk runs
+// on the calling thread alone, where waking a helper would cost more than it saves.
 constexpr int64_t kChunkBytes = 48 * 1024;
 
 // The pool's thread count: 0 follows torch's (at::get_num_threads()); set_threads(n) pins it, so that
